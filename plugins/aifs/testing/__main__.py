@@ -1,0 +1,59 @@
+"""Build a tiny checkpoint or seed a bucket with synthetic inputs (worker environment).
+
+    python -m aifs.testing checkpoint --grid O48 --out tiny.ckpt
+    python -m aifs.testing seed --checkpoint tiny.ckpt --bucket B --date 20250601_0000 --members 1-3
+
+``seed`` honours STORAGE_EMULATOR_HOST (and creates the bucket there when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aifs.testing", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ck = sub.add_parser("checkpoint", help="write a tiny AIFS-ENS stand-in checkpoint")
+    ck.add_argument("--grid", default="O48", help="builtin grid: O48 (tests), N320 (benchmark)")
+    ck.add_argument("--out", required=True)
+    ck.add_argument("--step-seconds", type=float, default=0.0, help="minimum time per model step")
+    ck.add_argument("--many-fields", action="store_true", help="~100 output fields a step, like AIFS-ENS")
+    sd = sub.add_parser("seed", help="upload synthetic input pickles for some members")
+    sd.add_argument("--checkpoint", required=True)
+    sd.add_argument("--bucket", required=True)
+    sd.add_argument("--date", required=True)
+    sd.add_argument("--members", default="1-3")
+    args = parser.parse_args(argv)
+
+    if args.command == "checkpoint":
+        from aifs.testing import tiny_model
+
+        variables = {}
+        if args.many_fields:
+            variables = dict(
+                prognostic=tiny_model.BENCH_PROGNOSTIC,
+                constant=tiny_model.BENCH_CONSTANT,
+                diagnostic=tiny_model.BENCH_DIAGNOSTIC,
+            )
+        tiny_model.build_checkpoint(args.out, grid=args.grid, step_seconds=args.step_seconds, **variables)
+        print(args.out)
+        return 0
+
+    from aifs.members import parse_members
+    from aifs.testing.synthetic import seed_bucket
+    from aifs.worker.storage import make_client
+
+    client = make_client(None)
+    bucket = client.lookup_bucket(args.bucket) or client.create_bucket(args.bucket)
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in seed_bucket(bucket, args.date, parse_members(args.members), args.checkpoint, workdir):
+            print(f"gs://{args.bucket}/{name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""A tiny AIFS-ENS stand-in checkpoint that anemoi-inference loads through its normal path.
+
+The checkpoint is what anemoi-training produces for inference: a pickled ``torch.nn.Module``
+(``torch.save``) with anemoi metadata and supporting arrays (latitudes, longitudes) written
+into the zip by ``anemoi.utils.checkpoints.save_metadata``. The module's ``predict_step``
+persists the last input state and adds noise from torch's global RNG, so the runner's seed
+makes members differ exactly as it does for the real model.
+
+The class must stay importable as ``aifs.testing.tiny_model.TinyEnsModel``: unpickling the
+checkpoint imports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import time
+import zlib
+
+import numpy as np
+import torch
+
+#: Default variable sets: what the tests use on O48.
+PROGNOSTIC = ["10u", "10v", "2t", "msl", "t_850", "z_500"]
+CONSTANT = ["lsm", "z"]
+DIAGNOSTIC = ["tp"]
+COMPUTED = {  # computed forcing -> constant_in_time
+    "cos_latitude": True,
+    "sin_latitude": True,
+    "cos_longitude": True,
+    "sin_longitude": True,
+    "cos_julian_day": False,
+    "sin_julian_day": False,
+    "cos_local_time": False,
+    "sin_local_time": False,
+    "insolation": False,
+}
+ACCUMULATED = {"tp", "cp", "sf", "ro"}
+
+#: ~100 output fields: what a real AIFS-ENS step writes (benchmark on N320).
+PRESSURE_LEVELS = [50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000]
+PL_PARAMS = ["q", "t", "u", "v", "w", "z"]
+SURFACE = ["10u", "10v", "2d", "2t", "msl", "skt", "sp", "tcw", "stl1", "stl2", "swvl1", "swvl2"]
+BENCH_PROGNOSTIC = SURFACE + [f"{p}_{lev}" for p in PL_PARAMS for lev in PRESSURE_LEVELS]
+BENCH_CONSTANT = ["lsm", "z", "slor", "sdor"]
+BENCH_DIAGNOSTIC = ["tp", "cp", "tcc", "100u", "100v", "hcc", "lcc", "mcc", "ro", "sf", "ssrd", "strd"]
+
+
+class TinyEnsModel(torch.nn.Module):
+    """``predict_step(x[1, time, grid, n_in]) -> y[1, 1, 1, grid, n_out]``.
+
+    Prognostic outputs persist the last input plus ``noise`` x N(0, 1) from torch's RNG;
+    diagnostics are small positive noise. ``step_seconds`` makes each step take at least that
+    long (a stand-in for GPU time in benchmarks; 0 in tests).
+    """
+
+    def __init__(self, prog_in, prog_out, diag_out, n_out, noise=0.1, step_seconds=0.0):
+        super().__init__()
+        self.register_buffer("prog_in", torch.tensor(prog_in, dtype=torch.long))
+        self.register_buffer("prog_out", torch.tensor(prog_out, dtype=torch.long))
+        self.register_buffer("diag_out", torch.tensor(diag_out, dtype=torch.long))
+        self.n_out, self.noise, self.step_seconds = n_out, noise, step_seconds
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def predict_step(self, x, **kwargs):  # the runner passes fcstep=, step=, date=, ...
+        started = time.perf_counter()
+        last = x[0, -1]
+        y = torch.zeros(1, 1, 1, last.shape[0], self.n_out, dtype=x.dtype, device=x.device)
+        prog = last[:, self.prog_in] * self.scale
+        y[0, 0, 0][:, self.prog_out] = prog + self.noise * torch.randn_like(prog)
+        y[0, 0, 0][:, self.diag_out] = 1e-3 * torch.rand(
+            last.shape[0], len(self.diag_out), dtype=x.dtype, device=x.device
+        )
+        if self.step_seconds:
+            time.sleep(max(0.0, self.step_seconds - (time.perf_counter() - started)))
+        return y
+
+
+def mars_request(name: str) -> dict:
+    """``t_850`` -> ``{param: t, levtype: pl, levelist: 850}``; ``2t`` -> surface."""
+    param, _, level = name.rpartition("_")
+    if param and level.isdigit():
+        return {"param": param, "levtype": "pl", "levelist": int(level)}
+    return {"param": name, "levtype": "sfc"}
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_grid_latlon(grid: str) -> tuple[np.ndarray, np.ndarray]:
+    """Latitudes and longitudes of one of anemoi-inference's builtin GRIB template grids."""
+    import anemoi.inference.grib.templates.builtin as builtin
+    import earthkit.data as ekd
+    import yaml
+
+    with open(os.path.join(os.path.dirname(builtin.__file__), "builtin.yaml")) as f:
+        index = yaml.safe_load(f)
+    matches = [blob for match, blob in index if match == {"grid": grid}]
+    if not matches:
+        raise ValueError(f"no builtin GRIB template for grid {grid!r}")
+    field = ekd.from_source("memory", zlib.decompress(base64.b64decode(matches[0])))[0]
+    latlon = field.to_latlon(flatten=True)
+    return np.asarray(latlon["lat"], "f8"), np.asarray(latlon["lon"], "f8")
+
+
+def build_checkpoint(
+    path: str,
+    grid: str = "O48",
+    prognostic: list[str] = PROGNOSTIC,
+    constant: list[str] = CONSTANT,
+    diagnostic: list[str] = DIAGNOSTIC,
+    noise: float = 0.1,
+    step_seconds: float = 0.0,
+) -> str:
+    """Write a tiny checkpoint for ``grid`` (a builtin template grid: O48, O96, N128, N320)."""
+    from anemoi.utils.checkpoints import save_metadata
+
+    latitudes, longitudes = builtin_grid_latlon(grid)
+    variables = list(prognostic) + list(constant) + list(COMPUTED) + list(diagnostic)
+    index = {v: i for i, v in enumerate(variables)}
+    data_in = [index[v] for v in variables if v not in diagnostic]
+    data_out = [index[v] for v in variables if v in prognostic or v in diagnostic]
+    model_in = {variables[i]: j for j, i in enumerate(data_in)}
+    model_out = {variables[i]: j for j, i in enumerate(data_out)}
+    forcing = list(constant) + list(COMPUTED)
+
+    variables_metadata = {v: {"mars": mars_request(v)} for v in prognostic}
+    variables_metadata |= {v: {"mars": mars_request(v), "constant_in_time": True} for v in constant}
+    variables_metadata |= {v: {"computed_forcing": True, "constant_in_time": c} for v, c in COMPUTED.items()}
+    for v in diagnostic:
+        variables_metadata[v] = {"mars": mars_request(v)}
+        if v in ACCUMULATED:
+            variables_metadata[v] |= {"process": "accumulation", "period": [0, 6]}
+
+    metadata = {
+        "config": {
+            "training": {"multistep_input": 2, "precision": "32"},
+            "data": {"timestep": "6h", "forcing": forcing, "diagnostic": list(diagnostic)},
+        },
+        "data_indices": {
+            "data": {
+                "input": {
+                    "full": data_in,
+                    "forcing": [index[v] for v in forcing],
+                    "diagnostic": [index[v] for v in diagnostic],
+                },
+                "output": {"full": data_out},
+            },
+            "model": {
+                "input": {
+                    "full": list(range(len(data_in))),
+                    "forcing": [model_in[v] for v in forcing],
+                    "prognostic": [model_in[v] for v in prognostic],
+                },
+                "output": {
+                    "full": list(range(len(data_out))),
+                    "prognostic": [model_out[v] for v in prognostic],
+                },
+            },
+        },
+        "dataset": {
+            "variables": variables,
+            "shape": [1, len(variables), 1, len(latitudes)],
+            "variables_metadata": variables_metadata,
+            "data_request": {"grid": grid},
+        },
+    }
+    model = TinyEnsModel(
+        [model_in[v] for v in prognostic],
+        [model_out[v] for v in prognostic],
+        [model_out[v] for v in diagnostic],
+        len(data_out),
+        noise=noise,
+        step_seconds=step_seconds,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(model, path)
+    save_metadata(path, metadata, supporting_arrays={"latitudes": latitudes, "longitudes": longitudes})
+    return path

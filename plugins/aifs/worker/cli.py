@@ -1,0 +1,132 @@
+"""Command line of ``python -m aifs.worker`` (also the ``aifs-worker`` console script).
+
+Flags and defaults are those of the original ``automate_aifs_gpu_pipeline.py`` plus the model
+options; exit codes are in aifs.exitcodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from aifs import layout
+from aifs.exitcodes import ExitCode
+from aifs.members import DEFAULT_MEMBERS, BadMembers, parse_members
+
+EXIT_CODE_HELP = "\n".join(f"  {c.value:3d}  {c.name}: {c.describe}" for c in ExitCode)
+
+
+class UsageError(Exception):
+    """Bad flags; the worker exits with ExitCode.USAGE."""
+
+
+@dataclasses.dataclass
+class WorkerOptions:
+    date: str
+    members: list[int]
+    bucket: str
+    service_account: str | None  # None: the machine's default credentials
+    input_dir: str
+    output_dir: str
+    upload_threads: int
+    checkpoint: str
+    lead_time: int
+    precision: str | None
+    num_chunks: int | None
+    device: str | None
+    force: bool
+    upload_timeout: float
+
+    def rerun_command(self, members: list[int]) -> str:
+        from aifs.members import format_members
+
+        parts = ["python -m aifs.worker", f"--date {self.date}", f"--members {format_members(members)}"]
+        parts += [f"--bucket {self.bucket}", f"--checkpoint {self.checkpoint}", f"--lead-time {self.lead_time}"]
+        if self.service_account:
+            parts.append(f"--service-account {self.service_account}")
+        if self.input_dir != layout.DEFAULT_INPUT_DIR:
+            parts.append(f"--input-dir {self.input_dir}")
+        if self.output_dir != layout.DEFAULT_OUTPUT_DIR:
+            parts.append(f"--output-dir {self.output_dir}")
+        if self.precision:
+            parts.append(f"--precision {self.precision}")
+        if self.num_chunks:
+            parts.append(f"--num-chunks {self.num_chunks}")
+        return " ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m aifs.worker",
+        description="Run AIFS-ENS members one after another: download input, infer, write GRIB "
+        "windows, upload each window as it closes, clean up.",
+        epilog="exit codes:\n" + EXIT_CODE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--date", required=True, help="forecast date YYYYMMDD_HHMM, e.g. 20251127_0000")
+    p.add_argument("--members", default=DEFAULT_MEMBERS, help="e.g. 1-50, 1,5,10 or 1-3,7 (default %(default)s)")
+    p.add_argument("--bucket", default=layout.DEFAULT_BUCKET, help="GCS bucket (default %(default)s)")
+    p.add_argument(
+        "--service-account",
+        default=None,
+        help=f"service-account JSON key (default {layout.DEFAULT_SERVICE_ACCOUNT} when it exists, "
+        "else the machine's default credentials)",
+    )
+    p.add_argument("--input-dir", default=layout.DEFAULT_INPUT_DIR, help="local input dir (default %(default)s)")
+    p.add_argument("--output-dir", default=layout.DEFAULT_OUTPUT_DIR, help="local GRIB dir (default %(default)s)")
+    p.add_argument(
+        "--upload-threads", type=int, default=layout.DEFAULT_UPLOAD_THREADS, help="parallel uploads (default %(default)s)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=layout.DEFAULT_CHECKPOINT,
+        help="checkpoint file, or a Hugging Face repo id (default %(default)s)",
+    )
+    p.add_argument("--lead-time", type=int, default=layout.DEFAULT_LEAD_TIME_HOURS, help="hours (default %(default)s)")
+    p.add_argument("--precision", choices=["16", "bf16", "32"], default=None, help="model precision (default: the checkpoint's)")
+    p.add_argument("--num-chunks", type=int, default=None, help="ANEMOI_INFERENCE_NUM_CHUNKS: lower GPU memory, slower")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--force", action="store_true", help="redo members whose completion manifest exists")
+    p.add_argument(
+        "--upload-timeout", type=float, default=600.0, help="seconds one object may take, retries included (default %(default)s)"
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerOptions:
+    args = build_parser().parse_args(argv)
+    try:
+        layout.parse_date(args.date)
+        members = parse_members(args.members)
+    except (layout.BadDate, BadMembers) as exc:
+        raise UsageError(str(exc)) from None
+    if args.lead_time <= 0:
+        raise UsageError(f"--lead-time must be a positive number of hours, got {args.lead_time}")
+    if args.upload_threads < 1:
+        raise UsageError(f"--upload-threads must be at least 1, got {args.upload_threads}")
+    if args.num_chunks is not None and args.num_chunks < 1:
+        raise UsageError(f"--num-chunks must be at least 1, got {args.num_chunks}")
+
+    service_account = args.service_account
+    if service_account is not None and not os.path.isfile(service_account):
+        raise UsageError(f"service account file not found: {service_account}")
+    if service_account is None and os.path.isfile(layout.DEFAULT_SERVICE_ACCOUNT):
+        service_account = layout.DEFAULT_SERVICE_ACCOUNT
+
+    return WorkerOptions(
+        date=args.date,
+        members=members,
+        bucket=args.bucket,
+        service_account=service_account,
+        input_dir=args.input_dir,
+        output_dir=args.output_dir,
+        upload_threads=args.upload_threads,
+        checkpoint=args.checkpoint,
+        lead_time=args.lead_time,
+        precision=args.precision,
+        num_chunks=args.num_chunks,
+        device=args.device,
+        force=args.force,
+        upload_timeout=args.upload_timeout,
+    )

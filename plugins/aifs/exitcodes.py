@@ -20,6 +20,7 @@ class ExitCode(enum.IntEnum):
     UPLOAD_FAILED = 13  # the bucket refused or lost an upload, or a checksum did not match
     OUT_OF_DISK = 14  # not enough local disk for one input plus two windows
     CHECKPOINT_FAILED = 15  # the checkpoint could not be loaded (affects every member)
+    DOWNLOAD_FAILED = 16  # the bucket did not deliver the input (connection, checksum)
 
     @property
     def describe(self) -> str:
@@ -28,7 +29,12 @@ class ExitCode(enum.IntEnum):
     @property
     def retryable(self) -> bool:
         """Whether retrying the same member unchanged can succeed (transient failures)."""
-        return self in (ExitCode.UPLOAD_FAILED, ExitCode.INFERENCE_FAILED, ExitCode.MEMBERS_FAILED)
+        return self in (
+            ExitCode.UPLOAD_FAILED,
+            ExitCode.DOWNLOAD_FAILED,
+            ExitCode.INFERENCE_FAILED,
+            ExitCode.MEMBERS_FAILED,
+        )
 
 
 _DESCRIPTIONS = {
@@ -41,6 +47,7 @@ _DESCRIPTIONS = {
     ExitCode.UPLOAD_FAILED: "upload to the bucket failed or did not verify",
     ExitCode.OUT_OF_DISK: "not enough local disk",
     ExitCode.CHECKPOINT_FAILED: "checkpoint could not be loaded",
+    ExitCode.DOWNLOAD_FAILED: "download of the input from the bucket failed or did not verify",
 }
 
 

@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--checkpoint",
-        default=layout.DEFAULT_CHECKPOINT,
-        help="checkpoint file, or a Hugging Face repo id (default %(default)s)",
+        default=os.environ.get("AIFS_CHECKPOINT", layout.DEFAULT_CHECKPOINT),
+        help="checkpoint file, or a Hugging Face repo id[:filename] (default: $AIFS_CHECKPOINT, "
+        f"else {layout.DEFAULT_CHECKPOINT}; %(default)s here)",
     )
     p.add_argument("--lead-time", type=int, default=layout.DEFAULT_LEAD_TIME_HOURS, help="hours (default %(default)s)")
     p.add_argument("--precision", choices=["16", "bf16", "32"], default=None, help="model precision (default: the checkpoint's)")

@@ -1,0 +1,103 @@
+"""``python -m aifs.worker``: run members one after another with the model loaded once.
+
+A failed member does not stop the others. At the end: a summary table and, when members
+failed, the exact command that reruns only those; the exit code says what went wrong
+(aifs.exitcodes).
+"""
+
+from __future__ import annotations
+
+# pyproj before eccodes: both bundle libproj, and the other order crashes the interpreter at
+# exit (design.md), turning a successful run into exit status 134.
+import pyproj  # noqa: F401  isort: skip
+
+import logging
+import sys
+import time
+
+from aifs.exitcodes import ExitCode
+from aifs.members import format_members
+from aifs.worker.cli import UsageError, WorkerOptions, parse_args
+from aifs.worker.cycle import MemberResult, run_member
+from aifs.worker.errors import CheckpointFailed
+
+LOG = logging.getLogger("aifs.worker")
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+    for noisy in ("anemoi", "earthkit", "urllib3", "google", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(opts: WorkerOptions) -> list[MemberResult]:
+    from aifs.worker.model import Model
+    from aifs.worker.storage import make_client
+
+    bucket = make_client(opts.service_account).bucket(opts.bucket)
+    loaded: list[Model] = []
+
+    def get_model() -> Model:
+        if not loaded:
+            t = time.perf_counter()
+            loaded.append(Model(opts.checkpoint, opts.device, opts.precision, opts.num_chunks))
+            LOG.info("[MODEL] loaded in %.1f s", time.perf_counter() - t)
+        return loaded[0]
+
+    results: list[MemberResult] = []
+    started = time.perf_counter()
+    for position, member in enumerate(opts.members, start=1):
+        LOG.info("[MEMBER] %03d (%d of %d) for %s", member, position, len(opts.members), opts.date)
+        try:
+            result = run_member(member, opts=opts, bucket=bucket, get_model=get_model)
+        except CheckpointFailed as exc:
+            LOG.error("[FAILED] %s", exc)
+            results += [MemberResult(m, "failed", ExitCode.CHECKPOINT_FAILED, error=str(exc)) for m in opts.members[position - 1:]]
+            break
+        results.append(result)
+        done = [r for r in results if r.status == "done"]
+        if done and position < len(opts.members):
+            per_member = sum(r.seconds for r in done) / len(done)
+            remaining = len(opts.members) - position
+            LOG.info("[PROGRESS] %d/%d members, %.1f min elapsed, ETA %.1f min", position, len(opts.members),
+                     (time.perf_counter() - started) / 60, per_member * remaining / 60)
+    return results
+
+
+def summarize(opts: WorkerOptions, results: list[MemberResult]) -> int:
+    LOG.info("[SUMMARY] %-8s %-8s %8s %12s  %s", "member", "status", "minutes", "GB uploaded", "problem")
+    for r in results:
+        LOG.info("[SUMMARY] %-8s %-8s %8.1f %12.2f  %s", f"{r.member:03d}", r.status, r.seconds / 60,
+                 r.bytes_uploaded / 1e9, r.error)
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    LOG.info("[SUMMARY] %d done, %d skipped, %d failed", counts["done"], counts["skipped"], counts["failed"])
+    failed = [r for r in results if r.status == "failed"]
+    if not failed:
+        return ExitCode.OK
+    LOG.error("[RERUN] %s", opts.rerun_command([r.member for r in failed]))
+    codes = {r.exit_code for r in failed}
+    return codes.pop() if len(codes) == 1 else ExitCode.MEMBERS_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    _configure_logging()
+    try:
+        opts = parse_args(argv)
+    except UsageError as exc:
+        LOG.error("usage error: %s", exc)
+        return ExitCode.USAGE
+    except SystemExit as exc:  # argparse: --help (0) or bad flags (2)
+        return int(exc.code or 0)
+    LOG.info("[START] %s members %s bucket %s checkpoint %s lead time %dh", opts.date, format_members(opts.members),
+             opts.bucket, opts.checkpoint, opts.lead_time)
+    return int(summarize(opts, run(opts)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

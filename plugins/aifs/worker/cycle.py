@@ -1,0 +1,140 @@
+"""One member's whole cycle, top to bottom: the function to read to know what the worker does."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import socket
+import time
+
+from aifs.exitcodes import ExitCode
+from aifs.layout import WINDOW_HOURS, manifest_object, parse_date, windows
+from aifs.manifest import Manifest
+from aifs.worker import disk, storage
+from aifs.worker.errors import CheckpointFailed, InferenceFailed, MemberError
+from aifs.worker.model import Model, member_seed, software_versions
+from aifs.worker.safe_pickle import load_input_state
+from aifs.worker.uploader import WindowUploader
+from aifs.worker.validate import check_input_state
+from aifs.worker.windows import WindowedGribWriter
+
+LOG = logging.getLogger("aifs.worker")
+
+
+@dataclasses.dataclass
+class MemberResult:
+    member: int
+    status: str  # "done", "skipped", "failed"
+    exit_code: ExitCode = ExitCode.OK
+    seconds: float = 0.0
+    bytes_uploaded: int = 0
+    error: str = ""
+
+
+class StepProgress:
+    """Per-step log lines with rate and ETA, e.g. ``member 003 step 12/132 +72h 0.4 s/step ETA 48s``."""
+
+    def __init__(self, member: int, total_steps: int, every_seconds: float = 10.0):
+        self.member, self.total, self.every = member, total_steps, every_seconds
+        self.started = self.last_log = time.perf_counter()
+        self.done = 0
+
+    def step(self, hour: int) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.last_log < self.every and self.done not in (1, self.total):
+            return
+        self.last_log = now
+        rate = (now - self.started) / self.done
+        LOG.info("[STEP] member %03d step %d/%d +%dh %.2f s/step ETA %s", self.member, self.done, self.total, hour,
+                 rate, _duration(rate * (self.total - self.done)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
+    """Download, validate, forecast, write and upload windows, write the manifest; always clean up.
+
+    ``get_model`` returns the process's Model, loading it on first use (members that are skipped
+    or fail before inference never pay for it).
+    """
+    started = time.perf_counter()
+    date = parse_date(opts.date)
+    timings: dict[str, float] = {}
+    try:
+        manifest_name = manifest_object(opts.date, member)
+        if not opts.force and storage.object_exists(bucket, manifest_name, opts.upload_timeout):
+            LOG.info("[SKIP] member %03d: complete (gs://%s/%s exists; --force redoes it)", member, bucket.name, manifest_name)
+            return MemberResult(member, "skipped")
+
+        # 1. room on disk, then the input
+        os.makedirs(opts.input_dir, exist_ok=True)
+        os.makedirs(opts.output_dir, exist_ok=True)
+        disk.sweep_leftovers(opts.input_dir, opts.output_dir, keep_input_of=member)
+        blob = storage.find_input(bucket, opts.date, member, opts.upload_timeout)
+        model: Model = get_model()
+        disk.require_free_space(member, opts.input_dir, opts.output_dir, blob.size, model.spec.window_bytes(WINDOW_HOURS))
+        t = time.perf_counter()
+        local_input = storage.download_input(blob, member, opts.input_dir, opts.upload_timeout)
+        timings["download_s"] = time.perf_counter() - t
+
+        # 2. safe load and check against the checkpoint, before any model time
+        state = check_input_state(load_input_state(local_input, member), model.spec, date, member, local_input)
+
+        # 3-5. forecast; GRIB windows written on their own thread and uploaded as they close
+        seed = member_seed(opts.date, member)
+        steps = int(dt.timedelta(hours=opts.lead_time) / model.spec.timestep)
+        LOG.info("[MEMBER] %03d: forecast to +%dh (%d steps, %d windows), seed %d", member, opts.lead_time, steps,
+                 len(windows(opts.lead_time)), seed)
+        uploader = WindowUploader(bucket, member, opts.upload_threads, opts.upload_timeout)
+        writer = WindowedGribWriter(model=model, date=opts.date, member=member, lead_time=opts.lead_time,
+                                    output_dir=opts.output_dir, uploader=uploader)
+        progress = StepProgress(member, steps)
+        t = time.perf_counter()
+        try:
+            try:
+                for state_at_step in model.forecast(state, opts.lead_time, seed):
+                    hour = int(state_at_step["step"] / dt.timedelta(hours=1))
+                    if hour > 0:
+                        progress.step(hour)
+                    writer.put(state_at_step)
+            except MemberError:
+                raise
+            except Exception as exc:
+                raise InferenceFailed(member, f"inference failed: {type(exc).__name__}: {exc}") from exc
+            timings["model_s"] = time.perf_counter() - t
+            writer.finish()
+            objects = uploader.wait()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            uploader.shutdown()
+        timings["grib_write_s"] = writer.write_seconds
+        timings["upload_s"] = uploader.upload_seconds
+        timings["wall_s"] = time.perf_counter() - started
+
+        # 6. the manifest is written last: its presence is what "complete" means
+        manifest = Manifest(date=opts.date, member=member, seed=seed, lead_time=opts.lead_time,
+                            checkpoint=opts.checkpoint, objects=objects, versions=software_versions(),
+                            timings={k: round(v, 3) for k, v in timings.items()}, host=socket.gethostname())
+        storage.upload_text(bucket, manifest.to_json(), manifest_name, member, opts.upload_timeout)
+        LOG.info("[MANIFEST] gs://%s/%s: %d objects, %.2f GB", bucket.name, manifest_name, len(objects),
+                 manifest.total_bytes / 1e9)
+        return MemberResult(member, "done", seconds=time.perf_counter() - started, bytes_uploaded=manifest.total_bytes)
+    except MemberError as exc:
+        LOG.error("[FAILED] %s (exit code %d: %s)", exc, exc.exit_code, exc.exit_code.name)
+        return MemberResult(member, "failed", exc.exit_code, time.perf_counter() - started, error=str(exc))
+    except CheckpointFailed:
+        raise  # not this member's fault: the caller fails every remaining member
+    except Exception as exc:  # a bug or an unforeseen failure: fail this member, keep the others going
+        LOG.exception("[FAILED] member %03d: unexpected %s", member, type(exc).__name__)
+        return MemberResult(member, "failed", ExitCode.INFERENCE_FAILED, time.perf_counter() - started,
+                            error=f"unexpected {type(exc).__name__}: {exc}")
+    finally:
+        disk.cleanup_member(member, opts.input_dir, opts.output_dir)

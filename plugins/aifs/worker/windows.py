@@ -1,0 +1,162 @@
+"""GRIB in 72 h windows, written on a thread of its own so GRIB encoding overlaps the model.
+
+The runner yields one state per step; the model thread copies it (the runner reuses its dict)
+and queues it. The writer thread applies the accumulation post-processor once, in step order
+(per-window accumulators would restart sums but still label them from step 0), routes each step
+to its window's anemoi-inference GRIB output, and hands each window to the uploader as soon as
+its last step is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue
+import threading
+from typing import Any, Callable
+
+from aifs.layout import Window, forecast_filename, forecast_object, window_of, windows
+from aifs.worker.errors import InferenceFailed, MemberError
+
+LOG = logging.getLogger("aifs.worker")
+
+_DONE = object()
+
+
+def ensemble_encoding(member: int) -> dict[str, Any]:
+    """GRIB keys that label the output as one perturbed member of an ensemble forecast."""
+    return {
+        "class": "ai",
+        "stream": "enfo",
+        "type": "pf",
+        "number": member,
+        "productDefinitionTemplateNumber": 1,  # individual ensemble forecast; `type: pf` alone fails
+    }
+
+
+def count_messages(path: str) -> int:
+    import eccodes
+
+    with open(path, "rb") as f:
+        return eccodes.codes_count_in_file(f)
+
+
+def copy_state(state: dict) -> dict:
+    """A step's state detached from the runner's buffers."""
+    copied = dict(state)
+    copied["fields"] = {name: values.copy() for name, values in state["fields"].items()}
+    return copied
+
+
+class WindowedGribWriter:
+    """Writes one member's steps into per-window GRIB files on a background thread."""
+
+    def __init__(self, *, model, date: str, member: int, lead_time: int, output_dir: str, uploader,
+                 queue_steps: int = 2, on_step: Callable[[int], None] | None = None):
+        self.model, self.date, self.member, self.lead_time = model, date, member, lead_time
+        self.output_dir, self.uploader, self.on_step = output_dir, uploader, on_step
+        self.expected_windows = windows(lead_time)
+        self._accumulate = model.accumulator()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_steps)
+        self._window: Window | None = None
+        self._output = None
+        self._path = ""
+        self._error: BaseException | None = None
+        self.closed_windows: list[Window] = []
+        self.write_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"grib-m{member:03d}", daemon=True)
+        self._thread.start()
+
+    # -- model thread ----------------------------------------------------------------------
+    def put(self, state: dict) -> None:
+        """Queue one step (copied); raises the writer's or an upload's failure as soon as it is known."""
+        item = copy_state(state)
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Flush the last window; raise if any window could not be written."""
+        self._queue.put(_DONE)
+        self._thread.join()
+        self._raise_if_failed()
+        if self.closed_windows != self.expected_windows:
+            got = ", ".join(f"{w.start}-{w.end}" for w in self.closed_windows) or "none"
+            raise InferenceFailed(self.member, f"the forecast ended early: windows written {got}")
+
+    def abort(self) -> None:
+        """Stop the writer without closing windows as complete (their files are cleaned up by the caller)."""
+        self._error = self._error or InferenceFailed(self.member, "aborted")
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_DONE, timeout=0.5)
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+            self._thread.join(timeout=0.5)
+        if self._output is not None:
+            try:
+                self._output.close()
+            except Exception:  # the file is deleted anyway
+                pass
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self.uploader.raise_if_failed()
+
+    # -- writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _DONE or self._error is not None:
+                    break
+                self._write(item)
+            if self._error is None and self._output is not None:
+                self._close_window()
+        except MemberError as exc:
+            self._error = exc
+        except BaseException as exc:  # surfaced to the model thread, never lost on this thread
+            self._error = InferenceFailed(self.member, f"GRIB writing failed: {type(exc).__name__}: {exc}")
+            LOG.exception("GRIB writer for member %03d failed", self.member)
+
+    def _write(self, state: dict) -> None:
+        import time
+
+        from anemoi.inference.outputs import create_output
+
+        started = time.perf_counter()
+        hour = int(state["step"] / dt.timedelta(hours=1))
+        if hour <= 0:
+            return  # the initial state is not part of any (start, end] window
+        window = window_of(hour, self.lead_time)
+        if window != self._window:
+            if self._output is not None:
+                self._close_window()
+            self.uploader.reserve_slot()  # bounded disk: wait while two windows are still local
+            self._window = window
+            self._path = os.path.join(self.output_dir, forecast_filename(self.date, self.member, window.start, window.end))
+            config = {"grib": {"path": self._path, "encoding": ensemble_encoding(self.member), "write_initial_state": False}}
+            self._output = create_output(self.model.runner, config, self.model.metadata)
+        self._output.write_state(self._accumulate.process(state))
+        self.write_seconds += time.perf_counter() - started
+        if self.on_step:
+            self.on_step(hour)
+
+    def _close_window(self) -> None:
+        self._output.close()
+        self._output = None
+        window = self._window
+        messages = count_messages(self._path)
+        LOG.info("[WINDOW] member %03d h%03d-%03d closed: %s (%d messages, %.1f MB)", self.member,
+                 window.start, window.end, os.path.basename(self._path), messages, os.path.getsize(self._path) / 1e6)
+        self.closed_windows.append(window)
+        self.uploader.submit(self._path, forecast_object(self.date, self.member, window.start, window.end), window, messages)

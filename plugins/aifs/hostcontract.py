@@ -20,6 +20,8 @@ JOBS_DIR = "/var/lib/aifs/jobs"
 #: Instance metadata keys the startup script reads.
 METADATA_WORKER_IMAGE = "aifs-worker-image"
 METADATA_SCRATCH_DEVICE = "aifs-scratch-device"
+#: uid (and gid) of the non-root user the worker image runs as; the startup script gives it SCRATCH_DIR.
+WORKER_UID = 10001
 #: Environment variables read by the worker inside the container.
 ENV_NUM_CHUNKS = "ANEMOI_INFERENCE_NUM_CHUNKS"
 

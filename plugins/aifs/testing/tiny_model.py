@@ -36,7 +36,7 @@ COMPUTED = {  # computed forcing -> constant_in_time
     "sin_local_time": False,
     "insolation": False,
 }
-ACCUMULATED = {"tp", "cp", "sf", "ro"}
+ACCUMULATED = {"tp", "cp", "sf", "ro", "ssrd", "strd"}  # GRIB accumulations (stepType accum)
 
 #: ~100 output fields: what a real AIFS-ENS step writes (benchmark on N320).
 PRESSURE_LEVELS = [50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000]

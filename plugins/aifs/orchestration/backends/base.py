@@ -83,9 +83,12 @@ class HostBackend(abc.ABC):
     """One way of reaching a GPU. ``settings`` are the DAG's backend-specific params."""
 
     name: ClassVar[str]
+    #: JSON schema of this backend's settings (the DAG's ``host`` param), with defaults.
+    #: Declared at class level so the DAG can validate params without creating anything.
+    SETTINGS_SCHEMA: ClassVar[dict[str, Any]] = {"type": "object", "properties": {}, "additionalProperties": False}
 
     def __init__(self, settings: dict[str, Any] | None = None):
-        self.settings = dict(settings or {})
+        self.settings = validate_settings(self.SETTINGS_SCHEMA, dict(settings or {}), type(self).__name__)
 
     @abc.abstractmethod
     def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
@@ -102,6 +105,23 @@ class HostBackend(abc.ABC):
     @abc.abstractmethod
     def delete_host(self, run: RunInfo, log: LogSink) -> None:
         """Make the host not exist; a host that is already gone is success."""
+
+
+class BadSettings(ValueError):
+    """Backend settings that do not match the backend's SETTINGS_SCHEMA."""
+
+
+def validate_settings(schema: dict[str, Any], settings: dict[str, Any], owner: str) -> dict[str, Any]:
+    """Validate against ``schema`` and fill in the schema's defaults; raise BadSettings saying why."""
+    import jsonschema  # ships with Airflow; imported here to keep module import cheap
+
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(settings), key=lambda e: list(e.path))
+    if errors:
+        details = "; ".join(f"{'.'.join(map(str, e.path)) or '<settings>'}: {e.message}" for e in errors)
+        raise BadSettings(f"{owner} settings invalid: {details}")
+    filled = {k: v["default"] for k, v in schema.get("properties", {}).items() if "default" in v}
+    filled.update(settings)
+    return filled
 
 
 _REGISTRY: dict[str, type[HostBackend]] = {}

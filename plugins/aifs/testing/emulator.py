@@ -48,8 +48,9 @@ class StorageEmulator:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "StorageEmulator":
-        cmd = _executable() + ["start", "--host=127.0.0.1", f"--port={self.port}"]
-        cmd += ["-d", self.data_dir] if self.data_dir else ["--in-memory"]
+        # -d belongs to the program, before the subcommand; without it, keep everything in memory
+        cmd = _executable() + (["-d", self.data_dir] if self.data_dir else [])
+        cmd += ["start", "--host=127.0.0.1", f"--port={self.port}", "--quiet"] + ([] if self.data_dir else ["--in-memory"])
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

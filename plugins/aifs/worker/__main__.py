@@ -12,6 +12,7 @@ from __future__ import annotations
 import pyproj  # noqa: F401  isort: skip
 
 import logging
+import signal
 import sys
 import time
 
@@ -85,8 +86,22 @@ def summarize(opts: WorkerOptions, results: list[MemberResult]) -> int:
     return codes.pop() if len(codes) == 1 else ExitCode.MEMBERS_FAILED
 
 
+class Terminated(SystemExit):
+    """SIGTERM (docker stop, a killed Airflow task, a spot VM going away): unwind so cleanup runs.
+
+    A BaseException, so no member code mistakes it for a member failure; ``finally`` blocks
+    still delete the member's local files and no manifest is written.
+    """
+
+
+def _terminate(signum, frame) -> None:
+    LOG.error("[TERMINATED] signal %d: stopping, cleaning up the member in flight", signum)
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         opts = parse_args(argv)
     except UsageError as exc:

@@ -68,9 +68,15 @@ def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
     timings: dict[str, float] = {}
     try:
         manifest_name = manifest_object(opts.date, member)
-        if not opts.force and storage.object_exists(bucket, manifest_name, opts.upload_timeout):
-            LOG.info("[SKIP] member %03d: complete (gs://%s/%s exists; --force redoes it)", member, bucket.name, manifest_name)
-            return MemberResult(member, "skipped")
+        if storage.object_exists(bucket, manifest_name, opts.upload_timeout):
+            if not opts.force:
+                LOG.info("[SKIP] member %03d: complete (gs://%s/%s exists; --force redoes it)", member, bucket.name,
+                         manifest_name)
+                return MemberResult(member, "skipped")
+            # withdraw the old manifest before any object is overwritten: a redo that dies half-way
+            # must leave the member incomplete, never an old manifest over new, partial windows
+            storage.delete_object(bucket, manifest_name, member, opts.upload_timeout)
+            LOG.info("[FORCE] member %03d: removed gs://%s/%s, redoing the member", member, bucket.name, manifest_name)
 
         # 1. room on disk, then the input
         os.makedirs(opts.input_dir, exist_ok=True)

@@ -113,6 +113,16 @@ def upload_text(bucket: storage.Bucket, text: str, name: str, member: int, deadl
         raise UploadFailed(member, f"upload failed: {exc}", url) from exc
 
 
+def delete_object(bucket: storage.Bucket, name: str, member: int, deadline: float) -> None:
+    url = f"gs://{bucket.name}/{name}"
+    try:
+        bucket.blob(name).delete(timeout=REQUEST_TIMEOUT, retry=_retry(deadline))
+    except gexc.NotFound:
+        pass
+    except BUCKET_ERRORS as exc:
+        raise UploadFailed(member, f"could not delete: {exc}", url) from exc
+
+
 def object_exists(bucket: storage.Bucket, name: str, deadline: float = 60.0) -> bool:
     return bucket.get_blob(name, timeout=REQUEST_TIMEOUT, retry=_retry(deadline)) is not None
 

@@ -1,0 +1,175 @@
+"""``gke`` backend: one GPU pod per member on a GKE cluster whose GPU node pool autoscales.
+
+No VM to create or delete: the node-pool autoscaler brings a GPU node up when a member's pod asks
+for one and takes it away when idle. Each member is a pod started by the Google provider's
+GKEStartPodOperator (a KubernetesPodOperator) with an ``nvidia.com/gpu`` limit, the GPU taint's
+toleration and a node selector for the GPU type (and optionally node pool / spot). Logs stream to
+the task log, the pod is deleted when it ends, and a retried task re-attaches to the pod its
+predecessor left running (``reattach_on_restart``; called ``durable`` from Airflow 3.3), found by
+the task instance's labels. A pod that already ended is deleted and started again (the worker skips
+a member whose completion manifest exists).
+
+``parallel_gpus`` (default 1) is how many members may run at once: the DAG uses it for the
+run_member task's ``max_active_tis_per_dagrun``. With quota for N GPUs, members finish N times
+sooner at the same cost per member.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from aifs import hostcontract
+from aifs.hostcontract import job_name
+from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register
+
+GPU_RESOURCE = "nvidia.com/gpu"
+ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
+NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
+SPOT_LABEL = "cloud.google.com/gke-spot"
+SCRATCH_VOLUME = "scratch"
+
+
+def _base_exit_code(remote_pod: Any, container: str) -> int | None:
+    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status else None) or []
+    for status in statuses:
+        if status.name == container and status.state and status.state.terminated:
+            return int(status.state.terminated.exit_code)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def member_pod_operator_class():
+    """GKEStartPodOperator that keeps the worker container's exit code instead of only raising."""
+    from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartPodOperator
+
+    class MemberPodOperator(GKEStartPodOperator):
+        aifs_exit_code: int | None = None
+
+        def cleanup(self, pod, remote_pod, xcom_result=None, context=None):
+            self.aifs_exit_code = _base_exit_code(remote_pod, self.base_container_name)
+            try:
+                super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
+            except Exception:
+                # A member that exited non-zero is not a backend failure: run_member returns the code
+                # and the DAG maps it. Anything else (pod never ran, API errors) propagates.
+                if not self.aifs_exit_code:
+                    raise
+                self.log.info("worker exited with %s; the pod was cleaned up", self.aifs_exit_code)
+
+    return MemberPodOperator
+
+
+@register("gke")
+class GKEBackend(HostBackend):
+    SETTINGS_SCHEMA = {
+        "type": "object",
+        "required": ["project_id", "location", "cluster_name", "image"],
+        "properties": {
+            "project_id": {"type": "string", "minLength": 1},
+            "location": {"type": "string", "minLength": 1, "description": "cluster region or zone"},
+            "cluster_name": {"type": "string", "minLength": 1},
+            "image": {"type": "string", "minLength": 1, "description": "worker image"},
+            "entrypoint": {"type": "array", "items": {"type": "string"}, "default": ["python", "-m", "aifs.worker"]},
+            "namespace": {"type": "string", "default": "default"},
+            "gpu_type": {"type": "string", "default": "nvidia-a100-80gb",
+                         "description": "value of the cloud.google.com/gke-accelerator node label"},
+            "gpus_per_member": {"type": "integer", "minimum": 1, "default": 1},
+            "parallel_gpus": {"type": "integer", "minimum": 1, "default": 1,
+                              "description": "members running at once (the DAG's max_active_tis_per_dagrun)"},
+            "node_pool": {"type": ["string", "null"], "default": None},
+            "spot": {"type": "boolean", "default": False},
+            "cpu": {"type": "string", "default": "8"},
+            "memory": {"type": "string", "default": "64Gi"},
+            "scratch_size": {"type": "string", "default": "60Gi",
+                             "description": "emptyDir at /scratch: input + windows in flight (~16 GB a member if held whole)"},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
+            "service_account_name": {"type": ["string", "null"], "default": None,
+                                     "description": "Kubernetes service account (Workload Identity for GCS)"},
+            "image_pull_policy": {"enum": ["Always", "IfNotPresent", "Never"], "default": "IfNotPresent"},
+            "startup_timeout": {"type": "integer", "minimum": 1, "default": 1800,
+                                "description": "seconds for the autoscaler to bring a GPU node and the pod to start"},
+            "member_timeout": {"type": "integer", "minimum": 1, "default": 4 * 3600},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
+            "gcp_conn_id": {"type": "string", "default": "google_cloud_default"},
+            "impersonation_chain": {"type": ["string", "null"], "default": None},
+            "use_internal_ip": {"type": "boolean", "default": False},
+            "use_dns_endpoint": {"type": "boolean", "default": False},
+        },
+        "additionalProperties": False,
+    }
+
+    def pod_operator(self, run: RunInfo, member: int, worker: WorkerSettings):
+        """The operator that runs one member (also what the tests render)."""
+        from kubernetes.client import models as k8s
+
+        s = self.settings
+        gpus = str(s["gpus_per_member"])
+        node_selector = {ACCELERATOR_LABEL: s["gpu_type"]}
+        tolerations = [k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+        if s["node_pool"]:
+            node_selector[NODEPOOL_LABEL] = s["node_pool"]
+        if s["spot"]:
+            node_selector[SPOT_LABEL] = "true"
+            tolerations.append(k8s.V1Toleration(key=SPOT_LABEL, operator="Equal", value="true", effect="NoSchedule"))
+        resources = k8s.V1ResourceRequirements(
+            requests={"cpu": s["cpu"], "memory": s["memory"], "ephemeral-storage": s["scratch_size"], GPU_RESOURCE: gpus},
+            limits={"memory": s["memory"], GPU_RESOURCE: gpus},
+        )
+        entry = list(s["entrypoint"])
+        from airflow.providers.cncf.kubernetes.version_compat import AIRFLOW_V_3_3_PLUS
+
+        reattach = {"durable": True} if AIRFLOW_V_3_3_PLUS else {"reattach_on_restart": True}
+        return member_pod_operator_class()(
+            task_id=f"aifs_member_{member:03d}",
+            project_id=s["project_id"],
+            location=s["location"],
+            cluster_name=s["cluster_name"],
+            use_internal_ip=s["use_internal_ip"],
+            use_dns_endpoint=s["use_dns_endpoint"],
+            gcp_conn_id=s["gcp_conn_id"],
+            impersonation_chain=s["impersonation_chain"],
+            namespace=s["namespace"],
+            name=job_name(run.date, member),
+            random_name_suffix=True,
+            image=s["image"],
+            image_pull_policy=s["image_pull_policy"],
+            cmds=entry[:1],
+            arguments=entry[1:] + worker.worker_args(run.date, member),
+            env_vars={str(k): str(v) for k, v in s["env"].items()},
+            labels={"app": "aifs-ens", "aifs-date": run.slug, "aifs-member": f"{member:03d}", **s["labels"]},
+            container_resources=resources,
+            node_selector=node_selector,
+            tolerations=tolerations,
+            volumes=[k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=s["scratch_size"]))],
+            volume_mounts=[k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=hostcontract.CONTAINER_SCRATCH)],
+            service_account_name=s["service_account_name"],
+            startup_timeout_seconds=s["startup_timeout"],
+            active_deadline_seconds=s["member_timeout"],
+            get_logs=True,
+            on_finish_action="delete_pod",
+            on_kill_action="delete_pod",
+            log_events_on_failure=True,
+            deferrable=False,
+            **reattach,
+        )
+
+    def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
+        s = self.settings
+        log(f"[aifs] gke backend: pods on cluster {s['cluster_name']} ({s['location']}); the GPU node pool's "
+            "autoscaler provides the GPUs, nothing to create")
+        return {"backend": "gke", "cluster": s["cluster_name"], "location": s["location"], "parallel_gpus": s["parallel_gpus"]}
+
+    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink) -> int:
+        from airflow.sdk import get_current_context
+
+        op = self.pod_operator(run, member, worker)
+        log(f"[aifs] starting pod {job_name(run.date, member)}-* on {self.settings['cluster_name']} "
+            f"({self.settings['gpus_per_member']}x {self.settings['gpu_type']})")
+        op.execute(get_current_context())
+        code = 0 if op.aifs_exit_code is None else op.aifs_exit_code
+        log(f"[aifs] member {member:03d} pod finished with exit code {code}")
+        return code
+
+    def delete_host(self, run: RunInfo, log: LogSink) -> None:
+        log("[aifs] gke backend: member pods are deleted as they finish; nothing to delete")

@@ -67,14 +67,27 @@ class TinyEnsModel(torch.nn.Module):
         started = time.perf_counter()
         last = x[0, -1]
         y = torch.zeros(1, 1, 1, last.shape[0], self.n_out, dtype=x.dtype, device=x.device)
-        prog = last[:, self.prog_in] * self.scale
-        y[0, 0, 0][:, self.prog_out] = prog + self.noise * torch.randn_like(prog)
+        prog = last[:, _columns(self.prog_in)] * self.scale
+        noise = torch.randn_like(prog).mul_(self.noise)  # in place: same values, no extra N320-sized temporaries
+        y[0, 0, 0][:, _columns(self.prog_out)] = noise.add_(prog)
         y[0, 0, 0][:, self.diag_out] = 1e-3 * torch.rand(
             last.shape[0], len(self.diag_out), dtype=x.dtype, device=x.device
         )
         if self.step_seconds:
             time.sleep(max(0.0, self.step_seconds - (time.perf_counter() - started)))
         return y
+
+
+def _columns(index: torch.Tensor):
+    """A slice when ``index`` is one ascending run (the usual layout), else the index itself.
+
+    Same result either way, but on N320 x ~100 fields a gather/scatter by index tensor costs
+    seconds of CPU a step, more than the ``step_seconds`` it is meant to stay under.
+    """
+    n = len(index)
+    if n and int(index[-1]) - int(index[0]) == n - 1 and bool((index.diff() == 1).all()):
+        return slice(int(index[0]), int(index[0]) + n)
+    return index
 
 
 def mars_request(name: str) -> dict:

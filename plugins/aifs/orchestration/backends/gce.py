@@ -57,6 +57,9 @@ def find_startup_script() -> Path:
     candidates = [
         here.parents[4] / "include" / "startup-script.sh",  # repo: plugins/aifs/orchestration/backends/gce.py
         here.parents[2] / "include" / "startup-script.sh",  # packaged next to the aifs package
+        # Cloud Composer syncs only dags/, plugins/ and data/ from its bucket; the operator's guide
+        # uploads the script to data/, which Composer mounts here
+        Path("/home/airflow/gcs/data/startup-script.sh"),
     ]
     for path in candidates:
         if path.is_file():

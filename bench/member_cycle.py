@@ -1,0 +1,477 @@
+#!/usr/bin/env python
+"""One member, two ways, in one run: the streaming worker against the old scripts' serial I/O.
+
+    .venv/bin/python bench/member_cycle.py [--step-seconds 1.5] [--lead-time 216] [--upload-threads 5] [--json OUT]
+
+Real parts: a gcp-storage-emulator process (the worker reaches it through STORAGE_EMULATOR_HOST),
+the real anemoi-inference runner on the tiny N320 checkpoint with ~100 output fields a step,
+each model step held to ``--step-seconds`` (a stand-in for the GPU), and for the streaming run
+the worker's own code path (``aifs.worker.cycle.run_member``).
+
+- streaming: ``run_member`` as the worker runs it (GRIB windows on a writer thread, each closed
+  window uploaded, verified and deleted while the model rolls on).
+- baseline: what the old scripts did, with the same Model instance and seed: GRIB written in line
+  in the model loop (one anemoi GRIB output per window, the worker's ensemble encoding, accumulation
+  applied once), then every window uploaded with ``storage.upload_verified`` on a pool of
+  ``--upload-threads`` threads, then deleted.
+
+"model s" is the time spent inside the forecast generator's ``next()`` (anemoi's per-step work
+plus the stand-in GPU time); "wall s" runs from the forecast's start to the last window verified
+in the bucket. Peak disk is sampled every ~0.1 s by a thread summing file sizes under the input
+and output dirs. Figures are ratios against a baseline measured in the same run: nothing is
+asserted on time. Working files live under .bench/ and are deleted at the end.
+"""
+
+from __future__ import annotations
+
+# pyproj before eccodes: both bundle libproj; the other order crashes the interpreter at exit.
+import pyproj  # noqa: F401  isort: skip
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import logging
+import os
+import pickle
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+
+import psutil  # noqa: E402
+
+DATE = "20250601_0000"
+MEMBER = 1
+T0 = time.perf_counter()
+LOG = logging.getLogger("bench")
+
+
+def elapsed() -> str:
+    return f"{time.perf_counter() - T0:6.1f}s"
+
+
+def phase(text: str) -> None:
+    print(f"[{elapsed()}] == {text}", flush=True)
+
+
+class _Elapsed(logging.Formatter):
+    def format(self, record):
+        return f"[{elapsed()}]    {record.getMessage()}"
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Elapsed())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for noisy in ("anemoi", "earthkit", "urllib3", "google", "matplotlib", "aifs.worker.disk"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+class DiskSampler:
+    """Peak of the summed sizes of every file under ``dirs``, sampled every ``interval`` s."""
+
+    def __init__(self, dirs: list[str], interval: float = 0.1):
+        self.dirs, self.interval = dirs, interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="disk-sampler", daemon=True)
+
+    def total(self) -> int:
+        total = 0
+        for root in self.dirs:
+            for dirpath, _, files in os.walk(root):
+                for name in files:
+                    try:
+                        total += os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:  # deleted between listing and stat
+                        pass
+        return total
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.total())
+            self.samples += 1
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "DiskSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.total())
+
+
+class ForecastMeter:
+    """Wraps ``Model.forecast`` (bench only): sums the time spent inside the generator's ``next()``."""
+
+    def __init__(self, model):
+        self._forecast = model.forecast
+        model.forecast = self.forecast  # instance attribute: shadows the method for this Model only
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = None
+        self.model_s = 0.0
+        self.step_s: list[float] = []
+        self.consumer_s = 0.0  # time the caller held each yielded state (copy + queue or in-line write)
+
+    def forecast(self, state, lead_time_hours, seed):
+        self.started = time.perf_counter()
+        steps = self._forecast(state, lead_time_hours, seed)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(steps)
+            except StopIteration:
+                self.model_s += time.perf_counter() - t
+                return
+            took = time.perf_counter() - t
+            self.model_s += took
+            self.step_s.append(took)
+            t = time.perf_counter()
+            yield item
+            self.consumer_s += time.perf_counter() - t
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of this process and of the emulator process tree."""
+
+    def __init__(self, emulator_pid: int):
+        self.me = psutil.Process()
+        self.emulator = psutil.Process(emulator_pid)
+
+    def _tree_cpu(self, proc: psutil.Process) -> float:
+        total = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def snapshot(self) -> tuple[float, float]:
+        t = self.me.cpu_times()
+        return t.user + t.system, self._tree_cpu(self.emulator)
+
+
+# -- the two modes -----------------------------------------------------------------------------
+
+
+def run_streaming(args, model, meter, bucket, dirs) -> dict:
+    """The worker's own per-member cycle."""
+    import aifs.worker.cycle as cycle
+    from aifs.layout import manifest_object
+    from aifs.manifest import Manifest
+    from aifs.worker.cli import WorkerOptions
+
+    uploads_done = {}
+
+    class TimedUploader(cycle.WindowUploader):  # bench only: note when the last window is verified
+        def wait(self):
+            try:
+                return super().wait()
+            finally:
+                uploads_done["at"] = time.perf_counter()
+
+    opts = WorkerOptions(
+        date=DATE, members=[MEMBER], bucket=bucket.name, service_account=None, input_dir=dirs["input"],
+        output_dir=dirs["output"], upload_threads=args.upload_threads, checkpoint=args.checkpoint_path,
+        lead_time=args.lead_time, precision=None, num_chunks=None, device="cpu", force=True, upload_timeout=600.0,
+    )
+    saved = cycle.WindowUploader
+    cycle.WindowUploader = TimedUploader
+    meter.reset()
+    try:
+        with DiskSampler([dirs["input"], dirs["output"]]) as disk:
+            started = time.perf_counter()
+            result = cycle.run_member(MEMBER, opts=opts, bucket=bucket, get_model=lambda: model)
+            member_s = time.perf_counter() - started
+    finally:
+        cycle.WindowUploader = saved
+    if result.status != "done":
+        raise SystemExit(f"streaming run failed: {result.error}")
+    manifest = Manifest.from_json(bucket.blob(manifest_object(DATE, MEMBER)).download_as_bytes())
+    return {
+        "wall_s": uploads_done["at"] - meter.started,
+        "model_s": meter.model_s,
+        "member_s": member_s,
+        "messages": sum(o.messages for o in manifest.objects),
+        "window_bytes": max(o.size for o in manifest.objects),
+        "objects": {o.name: (o.size, o.crc32c) for o in manifest.objects},
+        "peak_disk_bytes": disk.peak,
+        "disk_samples": disk.samples,
+        "grib_write_s": manifest.timings.get("grib_write_s"),
+        "upload_s": manifest.timings.get("upload_s"),
+        "download_s": manifest.timings.get("download_s"),
+        "caller_s": meter.consumer_s,
+        "step_s": meter.step_s,
+    }
+
+
+def run_baseline(args, model, meter, bucket, dirs) -> dict:
+    """The old scripts: GRIB in line in the model loop, all uploads after inference, then delete."""
+    from anemoi.inference.outputs import create_output
+
+    from aifs.layout import forecast_filename, forecast_object, parse_date, window_of
+    from aifs.worker import storage
+    from aifs.worker.model import member_seed
+    from aifs.worker.safe_pickle import load_input_state
+    from aifs.worker.validate import check_input_state
+    from aifs.worker.windows import count_messages, ensemble_encoding
+
+    meter.reset()
+    with DiskSampler([dirs["input"], dirs["output"]]) as disk:
+        started = time.perf_counter()
+        blob = storage.find_input(bucket, DATE, MEMBER, 600.0)
+        t = time.perf_counter()
+        local_input = storage.download_input(blob, MEMBER, dirs["input"], 600.0)
+        download_s = time.perf_counter() - t
+        state = check_input_state(load_input_state(local_input, MEMBER), model.spec, parse_date(DATE), MEMBER, local_input)
+
+        accumulate = model.accumulator()
+        output, window, files, write_s = None, None, [], 0.0
+        for step_state in model.forecast(state, args.lead_time, member_seed(DATE, MEMBER)):
+            hour = int(step_state["step"] / dt.timedelta(hours=1))
+            if hour <= 0:
+                continue
+            t = time.perf_counter()
+            if window_of(hour, args.lead_time) != window:
+                if output is not None:
+                    output.close()
+                window = window_of(hour, args.lead_time)
+                path = os.path.join(dirs["output"], forecast_filename(DATE, MEMBER, window.start, window.end))
+                files.append((path, forecast_object(DATE, MEMBER, window.start, window.end)))
+                config = {"grib": {"path": path, "encoding": ensemble_encoding(MEMBER), "write_initial_state": False}}
+                output = create_output(model.runner, config, model.metadata)
+            # Accumulate.process replaces entries of state["fields"]: keep the runner's own dict intact
+            output.write_state(accumulate.process({**step_state, "fields": dict(step_state["fields"])}))
+            write_s += time.perf_counter() - t
+        output.close()
+        inference_done = time.perf_counter()
+
+        with cf.ThreadPoolExecutor(max_workers=args.upload_threads) as pool:
+            futures = {name: pool.submit(storage.upload_verified, bucket, path, name, MEMBER, 600.0) for path, name in files}
+            objects = {name: f.result() for name, f in futures.items()}
+        uploads_done = time.perf_counter()
+        messages = sum(count_messages(path) for path, _ in files)  # after the clock: not part of the old cycle
+        for path, _ in files:
+            os.remove(path)
+        os.remove(local_input)
+        member_s = time.perf_counter() - started
+    return {
+        "wall_s": uploads_done - meter.started,
+        "model_s": meter.model_s,
+        "member_s": member_s,
+        "messages": messages,
+        "window_bytes": max(size for size, _ in objects.values()),
+        "objects": objects,
+        "peak_disk_bytes": disk.peak,
+        "disk_samples": disk.samples,
+        "grib_write_s": write_s,
+        "upload_s": uploads_done - inference_done,
+        "download_s": download_s,
+        "caller_s": meter.consumer_s,
+        "step_s": meter.step_s,
+    }
+
+
+def warm_up(model, dirs, state) -> None:
+    """One step written to GRIB once: imports, templates and torch warm before either timed run."""
+    from anemoi.inference.outputs import create_output
+
+    from aifs.worker.windows import ensemble_encoding
+
+    path = os.path.join(dirs["output"], "warmup.grib")
+    output = create_output(model.runner, {"grib": {"path": path, "encoding": ensemble_encoding(MEMBER)}}, model.metadata)
+    accumulate = model.accumulator()
+    for s in model.forecast(state, 6, 0):
+        if s["step"] > dt.timedelta(0):
+            output.write_state(accumulate.process({**s, "fields": dict(s["fields"])}))
+    output.close()
+    os.remove(path)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def report(args, figures: dict, input_bytes: int) -> dict:
+    window = max(f["window_bytes"] for f in figures.values())
+    one, two = (input_bytes + window) / 1e9, (input_bytes + 2 * window) / 1e9
+    rows = []
+    header = ["mode", "wall s", "model s", "wall/model", "GRIB msg/s", "peak disk GB", "input+1 window GB",
+              "input+2 windows GB"]
+    for mode, f in figures.items():
+        f["ratio"] = f["wall_s"] / f["model_s"]
+        f["msg_per_s"] = f["messages"] / f["wall_s"]
+        rows.append([mode, f"{f['wall_s']:.1f}", f"{f['model_s']:.1f}", f"{f['ratio']:.3f}", f"{f['msg_per_s']:.1f}",
+                     f"{f['peak_disk_bytes'] / 1e9:.2f}", f"{one:.2f}", f"{two:.2f}"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    print()
+    print(f"one member, N320 ({args.fields} output fields a step), lead time {args.lead_time} h "
+          f"({args.steps} steps, {args.windows} windows), step {args.step_seconds} s, {args.upload_threads} upload threads, "
+          f"{os.cpu_count()} cores, torch threads {torch_threads()}, {'stock' if args.stock_emulator else 'linear-upload'} emulator")
+    print(line(header))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+    print()
+    detail = ["mode", "member s", "download s", "GRIB write s", "upload s", "caller s", "model s/step (median)",
+              "bench CPU s", "emulator CPU s"]
+    print(" | ".join(detail))
+    for mode, f in figures.items():
+        print(" | ".join([mode, f"{f['member_s']:.1f}", f"{f['download_s']:.1f}", f"{f['grib_write_s']:.1f}",
+                          f"{f['upload_s']:.1f}", f"{f['caller_s']:.1f}", f"{statistics.median(f['step_s']):.3f}",
+                          f"{f['cpu_s']:.1f}", f"{f['emulator_cpu_s']:.1f}"]))
+    s, b = figures["streaming"], figures["baseline"]
+    print()
+    print(f"wall/model side by side: streaming {s['ratio']:.3f}  baseline {b['ratio']:.3f}  "
+          f"(streaming wall / baseline model time: {s['wall_s'] / b['model_s']:.3f}; "
+          f"streaming saves {b['wall_s'] - s['wall_s']:.1f} s = {100 * (1 - s['wall_s'] / b['wall_s']):.0f}% of baseline wall)")
+    same = s["objects"] == b["objects"]
+    print(f"same bytes in the bucket from both modes (size + crc32c of every window): {'yes' if same else 'NO'}")
+    ratio_met = s["ratio"] <= 1.05
+    disk_met = s["peak_disk_bytes"] <= input_bytes + 2 * window
+    print(f"target: streaming wall/model <= 1.05: {'MET' if ratio_met else 'NOT MET'} ({s['ratio']:.3f})")
+    print(f"peak disk <= input + 2 windows: {'MET' if disk_met else 'NOT MET'} "
+          f"({s['peak_disk_bytes'] / 1e9:.2f} GB <= {two:.2f} GB)")
+    return {
+        "config": {"grid": "N320", "fields": args.fields, "lead_time": args.lead_time, "steps": args.steps,
+                   "windows": args.windows, "step_seconds": args.step_seconds, "upload_threads": args.upload_threads,
+                   "cpus": os.cpu_count(), "torch_threads": torch_threads(), "stock_emulator": args.stock_emulator},
+        "input_bytes": input_bytes,
+        "window_bytes": window,
+        "modes": {m: {k: v for k, v in f.items() if k != "objects"} for m, f in figures.items()},
+        "same_output": same,
+        "target_ratio_met": ratio_met,
+        "target_disk_met": disk_met,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--step-seconds", type=float, default=1.5, help="fixed time per model step (default %(default)s)")
+    p.add_argument("--lead-time", type=int, default=216, help="hours, 72 h a window (default %(default)s = 3 windows)")
+    p.add_argument("--upload-threads", type=int, default=5, help="upload threads, both modes (default %(default)s)")
+    p.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT")
+    p.add_argument("--stock-emulator", action="store_true",
+                   help="run the stock gcp-storage-emulator (quadratic resumable uploads: ~150 s of its CPU a window)")
+    p.add_argument("--keep", action="store_true", help="keep the working directory (debugging)")
+    args = p.parse_args(argv)
+    if args.lead_time <= 0:
+        p.error("--lead-time must be positive (the benchmark is meant for >= 216 h: three windows or more)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    from aifs.layout import input_object, windows
+    from aifs.testing.emulator import StorageEmulator
+    from aifs.testing.synthetic import make_input_state, member_seed
+    from aifs.testing.tiny_model import BENCH_CONSTANT, BENCH_DIAGNOSTIC, BENCH_PROGNOSTIC, build_checkpoint
+    from aifs.layout import parse_date
+
+    work = REPO / ".bench" / f"member_cycle-{os.getpid()}"
+    # one pair of dirs per mode: anemoi-inference refuses a GRIB path used before in the process
+    mode_dirs = {m: {"input": str(work / m / "input"), "output": str(work / m / "output")} for m in ("streaming", "baseline")}
+    for dirs in mode_dirs.values():
+        for d in dirs.values():
+            os.makedirs(d, exist_ok=True)
+    emulator = None
+    try:
+        phase(f"setup: tiny N320 checkpoint ({args.step_seconds} s a step) and GCS emulator in {work}")
+        args.checkpoint_path = build_checkpoint(str(work / "tiny-n320.ckpt"), grid="N320", prognostic=BENCH_PROGNOSTIC,
+                                                constant=BENCH_CONSTANT, diagnostic=BENCH_DIAGNOSTIC,
+                                                step_seconds=args.step_seconds)
+        if not args.stock_emulator:  # the stock emulator's resumable uploads are O(size^2): see _fast_emulator.py
+            import aifs.testing.emulator as emulator_module
+
+            emulator_module._executable = lambda: [sys.executable, str(Path(__file__).with_name("_fast_emulator.py"))]
+        emulator = StorageEmulator(log_path=str(work / "emulator.log")).start()
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator.url  # before the worker's client exists
+        os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+        from aifs.worker.storage import make_client
+
+        bucket = make_client(None).create_bucket("bench-member-cycle")
+
+        phase("setup: synthetic input state, uploaded to the emulator")
+        when = parse_date(DATE)
+        input_state = make_input_state(args.checkpoint_path, when, seed=member_seed(when, MEMBER))
+        data = pickle.dumps(input_state, protocol=pickle.HIGHEST_PROTOCOL)
+        input_bytes = len(data)
+        bucket.blob(input_object(DATE, MEMBER)).upload_from_string(data, checksum="crc32c")
+        del data
+        print(f"[{elapsed()}]    input gs://{bucket.name}/{input_object(DATE, MEMBER)}: {input_bytes / 1e6:.0f} MB")
+
+        phase("setup: load the model once (shared by both modes), warm up with one step")
+        from aifs.worker.model import Model
+
+        model = Model(args.checkpoint_path, "cpu", None, None)
+        meter = ForecastMeter(model)
+        warm_up(model, mode_dirs["baseline"], input_state)
+        del input_state
+        args.fields = len(model.spec.output_variables)
+        args.steps = int(dt.timedelta(hours=args.lead_time) / model.spec.timestep)
+        args.windows = len(windows(args.lead_time))
+        cpu = CpuMeter(emulator.process.pid)
+
+        figures = {}
+        for mode, runner in (("streaming", run_streaming), ("baseline", run_baseline)):
+            phase(f"{mode}: one member, {args.steps} steps, {args.windows} windows")
+            before = cpu.snapshot()
+            figures[mode] = runner(args, model, meter, bucket, mode_dirs[mode])
+            after = cpu.snapshot()
+            figures[mode]["cpu_s"] = after[0] - before[0]
+            figures[mode]["emulator_cpu_s"] = after[1] - before[1]
+            f = figures[mode]
+            phase(f"{mode}: done, wall {f['wall_s']:.1f} s, model {f['model_s']:.1f} s, "
+                  f"peak disk {f['peak_disk_bytes'] / 1e9:.2f} GB")
+            for blob in bucket.list_blobs(prefix=f"{DATE}/"):  # free the emulator's memory between modes
+                if not blob.name.startswith(f"{DATE}/input/"):
+                    blob.delete()
+
+        phase("report")
+        out = report(args, figures, input_bytes)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+            print(f"figures written to {args.json}")
+        return 0
+    finally:
+        if emulator is not None:
+            emulator.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            try:
+                os.rmdir(REPO / ".bench")
+            except OSError:
+                pass
+        phase("cleaned up" if not args.keep else f"kept {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What a worker exit code means for the ``run_member`` task, and how to rerun what failed.
+
+The worker (``python -m aifs.worker``) reports each kind of failure with its own exit code
+(aifs.exitcodes). Some cannot get better by retrying the same member unchanged (a missing or
+invalid input, a full disk, a checkpoint that will not load, bad flags): those fail the task at
+once, without burning retries and hours of GPU. The others (inference, upload, a crash or a
+signal) are worth retrying with backoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+
+from aifs.exitcodes import ExitCode, describe
+from aifs.members import format_members, member_label
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberOutcome:
+    member: int
+    exit_code: int
+    retryable: bool
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == ExitCode.OK
+
+    @property
+    def name(self) -> str:
+        try:
+            return ExitCode(self.exit_code).name
+        except ValueError:
+            return "CRASHED"
+
+
+#: Exit codes that retrying unchanged cannot fix, and what a person should do instead.
+_FIX = {
+    ExitCode.USAGE: "check the run's params (the worker refused its flags)",
+    ExitCode.INPUT_MISSING: "make sure the input pickle is in the bucket",
+    ExitCode.INPUT_INVALID: "replace the input pickle with a valid one",
+    ExitCode.OUT_OF_DISK: "free or enlarge the GPU host's scratch disk",
+    ExitCode.CHECKPOINT_FAILED: "check the 'checkpoint' param and that the host can read it",
+}
+
+
+def classify(member: int, exit_code: int) -> MemberOutcome:
+    label = member_label(member)
+    if exit_code == ExitCode.OK:
+        return MemberOutcome(member, exit_code, False, f"{label}: {describe(exit_code)}")
+    try:
+        code = ExitCode(exit_code)
+    except ValueError:
+        return MemberOutcome(member, exit_code, True, f"{label} failed: {describe(exit_code)}; will retry")
+    if code.retryable:
+        return MemberOutcome(member, exit_code, True, f"{label} failed: {code.describe} (exit {exit_code}, {code.name}); will retry")
+    fix = _FIX.get(code, "see the log above")
+    return MemberOutcome(
+        member,
+        exit_code,
+        False,
+        f"{label} failed: {code.describe} (exit {exit_code}, {code.name}); not retried: {fix}, then clear this task",
+    )
+
+
+def rerun_instructions(dag_id: str, run_id: str, date: str, failed: list[tuple[int, int | None]]) -> str:
+    """How to rerun failed members: ``failed`` is ``[(member, map index of run_member or None)]``."""
+    if not failed:
+        return ""
+    members = [m for m, _ in failed]
+    indexed = [(m, i) for m, i in failed if i is not None]
+    lines = ["How to rerun:"]
+    if indexed:
+        labels = ", ".join(f"run_member [{i}] ({member_label(m)})" for m, i in indexed)
+        task_ids = [["run_member", i] for _, i in indexed]
+        body = {"dag_run_id": run_id, "task_ids": task_ids, "dry_run": False, "only_failed": False}
+        lines += [
+            f"  - Airflow UI: run {run_id}, clear {labels}; the host is created again for it and deleted after.",
+            f"  - REST API: POST /api/v2/dags/{dag_id}/clearTaskInstances {json.dumps(body)}",
+        ]
+    conf = json.dumps({"date": date, "members": format_members(members)})
+    lines.append(
+        f"  - or a new run for the date (finished members are skipped): airflow dags trigger {dag_id} --conf {shlex.quote(conf)}"
+    )
+    return "\n".join(lines)

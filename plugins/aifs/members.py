@@ -27,7 +27,7 @@ def parse_members(text: str) -> list[int]:
         raise BadMembers(f"empty member selection {text!r}: use e.g. 1-50 or 1,5,10")
     members: set[int] = set()
     for raw in text.split(","):
-        part = raw.replace(" ", "")
+        part = re.sub(r"\s*-\s*", "-", raw.strip())  # "1 - 5" is a range; "1 0" is not member 10
         match = _PART.match(part)
         if not match:
             raise BadMembers(f"bad member selection {text!r}: {raw.strip()!r} is not N or N-M")

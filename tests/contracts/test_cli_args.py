@@ -136,14 +136,12 @@ def test_rerun_command_round_trips(tmp_path):
     assert "--members 3-5,9" in original.rerun_command([3, 4, 5, 9])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): WorkerOptions.rerun_command drops --device")
 def test_rerun_command_keeps_device(tmp_path):
     """A run pinned to --device cpu must rerun on cpu too (else it picks cuda on a GPU host)."""
     original = parse_args(["--date", DATE, "--members", "1-3", "--device", "cpu", "--checkpoint", "c.ckpt"])
     assert parse_args(_rerun_argv(original, [2])).device == "cpu"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): rerun_command does not shlex.quote paths")
 def test_rerun_command_is_shell_safe(tmp_path):
     """Paths with spaces (or shell metacharacters) must survive copy-paste into a shell."""
     odd = tmp_path / "my dir; x"

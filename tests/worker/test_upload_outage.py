@@ -30,37 +30,9 @@ UPLOAD_TIMEOUT = 10
 pytestmark = pytest.mark.timeout(240)
 
 
-class PersistedEmulator(StorageEmulator):
-    """StorageEmulator whose objects survive a restart (data dir on disk).
-
-    Works around a bug in aifs.testing.emulator (reported): it passes ``-d DIR`` after the
-    ``start`` subcommand, which gcp-storage-emulator rejects (exit 2); ``-d`` is a global option.
-    """
-
-    def start(self, timeout: float = 30.0) -> "PersistedEmulator":
-        import urllib.request
-
-        from aifs.testing.emulator import _executable
-
-        os.makedirs(self.data_dir, exist_ok=True)
-        cmd = _executable() + ["-d", self.data_dir, "start", "--host=127.0.0.1", f"--port={self.port}"]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"emulator exited {self.process.returncode}, see {self.log_path}"
-            try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b?project=test", timeout=1).read()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"emulator did not answer on {self.url}")
-
-
 @pytest.fixture
 def persisted_emulator(tmp_path):
-    emu = PersistedEmulator(data_dir=str(tmp_path / "gcs-data"), log_path=str(tmp_path / "emulator.log")).start()
+    emu = StorageEmulator(data_dir=str(tmp_path / "gcs-data"), log_path=str(tmp_path / "emulator.log")).start()
     yield emu
     emu.stop()
 

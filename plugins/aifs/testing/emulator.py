@@ -48,6 +48,8 @@ class StorageEmulator:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "StorageEmulator":
+        if self.data_dir:
+            os.makedirs(self.data_dir, exist_ok=True)
         # -d belongs to the program, before the subcommand; without it, keep everything in memory
         cmd = _executable() + (["-d", self.data_dir] if self.data_dir else [])
         cmd += ["start", "--host=127.0.0.1", f"--port={self.port}", "--quiet"] + ([] if self.data_dir else ["--in-memory"])

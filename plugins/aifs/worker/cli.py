@@ -39,21 +39,30 @@ class WorkerOptions:
     upload_timeout: float
 
     def rerun_command(self, members: list[int]) -> str:
+        """The exact command that reruns ``members`` with this run's settings (shell-quoted)."""
+        import shlex
+
         from aifs.members import format_members
 
-        parts = ["python -m aifs.worker", f"--date {self.date}", f"--members {format_members(members)}"]
-        parts += [f"--bucket {self.bucket}", f"--checkpoint {self.checkpoint}", f"--lead-time {self.lead_time}"]
-        if self.service_account:
-            parts.append(f"--service-account {self.service_account}")
-        if self.input_dir != layout.DEFAULT_INPUT_DIR:
-            parts.append(f"--input-dir {self.input_dir}")
-        if self.output_dir != layout.DEFAULT_OUTPUT_DIR:
-            parts.append(f"--output-dir {self.output_dir}")
-        if self.precision:
-            parts.append(f"--precision {self.precision}")
-        if self.num_chunks:
-            parts.append(f"--num-chunks {self.num_chunks}")
-        return " ".join(parts)
+        flags = {
+            "--date": self.date,
+            "--members": format_members(members),
+            "--bucket": self.bucket,
+            "--checkpoint": self.checkpoint,
+            "--lead-time": self.lead_time,
+            "--service-account": self.service_account,
+            "--input-dir": self.input_dir if self.input_dir != layout.DEFAULT_INPUT_DIR else None,
+            "--output-dir": self.output_dir if self.output_dir != layout.DEFAULT_OUTPUT_DIR else None,
+            "--upload-threads": self.upload_threads if self.upload_threads != layout.DEFAULT_UPLOAD_THREADS else None,
+            "--precision": self.precision,
+            "--num-chunks": self.num_chunks,
+            "--device": self.device,
+        }
+        parts = ["python", "-m", "aifs.worker"]
+        for flag, value in flags.items():
+            if value is not None:
+                parts += [flag, str(value)]
+        return shlex.join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:

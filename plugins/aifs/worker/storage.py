@@ -23,7 +23,8 @@ from aifs.worker.errors import DownloadFailed, InputMissing, UploadFailed
 
 LOG = logging.getLogger("aifs.worker")
 
-#: Per-request (connect, read) timeouts; the total per object is bounded by the retry deadline.
+#: Per-request (connect, read) timeouts at most; each is also capped by the caller's deadline,
+#: so a bucket that accepts connections but never answers cannot hold one request past it.
 REQUEST_TIMEOUT = (10.0, 60.0)
 #: What a bucket failure looks like through google-cloud-storage once retries are spent: API
 #: errors (incl. RetryError), resumable-upload errors, dropped or refused connections.
@@ -50,6 +51,12 @@ def crc32c_of_file(path: str) -> str:
     return base64.b64encode(checksum.digest()).decode()
 
 
+def _timeout(deadline: float) -> tuple[float, float]:
+    """Per-request timeouts: a retry can then still happen inside ``deadline``."""
+    connect, read = REQUEST_TIMEOUT
+    return min(connect, deadline / 2), min(read, deadline / 2)
+
+
 def _retry(deadline: float) -> Retry:
     """The library's own transient-error policy (5xx, 429, dropped connections), bounded by ``deadline``."""
     return DEFAULT_RETRY.with_timeout(deadline).with_delay(initial=1.0, maximum=10.0)
@@ -60,7 +67,7 @@ def find_input(bucket: storage.Bucket, date: str, member: int, deadline: float) 
     name = input_object(date, member)
     url = f"gs://{bucket.name}/{name}"
     try:
-        blob = bucket.get_blob(name, timeout=REQUEST_TIMEOUT, retry=_retry(deadline))
+        blob = bucket.get_blob(name, timeout=_timeout(deadline), retry=_retry(deadline))
     except BUCKET_ERRORS as exc:
         raise DownloadFailed(member, f"could not reach the bucket: {exc}", url) from exc
     if blob is None:
@@ -78,7 +85,7 @@ def download_input(blob: storage.Blob, member: int, input_dir: str, deadline: fl
 
     partial = local + ".part"  # never leave a half-downloaded file under the real name
     try:
-        blob.download_to_filename(partial, checksum="crc32c", timeout=REQUEST_TIMEOUT, retry=_retry(deadline))
+        blob.download_to_filename(partial, checksum="crc32c", timeout=_timeout(deadline), retry=_retry(deadline))
     except (DataCorruption, *BUCKET_ERRORS) as exc:
         _remove(partial)
         raise DownloadFailed(member, f"download failed: {exc}", url) from exc
@@ -93,8 +100,8 @@ def upload_verified(bucket: storage.Bucket, local: str, name: str, member: int, 
     size, crc = os.path.getsize(local), crc32c_of_file(local)
     blob = bucket.blob(name, chunk_size=UPLOAD_CHUNK_BYTES)
     try:
-        blob.upload_from_filename(local, checksum="crc32c", timeout=REQUEST_TIMEOUT, retry=_retry(deadline))
-        stored = bucket.get_blob(name, timeout=REQUEST_TIMEOUT, retry=_retry(deadline))
+        blob.upload_from_filename(local, checksum="crc32c", timeout=_timeout(deadline), retry=_retry(deadline))
+        stored = bucket.get_blob(name, timeout=_timeout(deadline), retry=_retry(deadline))
     except BUCKET_ERRORS as exc:
         raise UploadFailed(member, f"upload failed: {exc}", url) from exc
     if stored is None or stored.size != size or stored.crc32c != crc:
@@ -107,7 +114,7 @@ def upload_text(bucket: storage.Bucket, text: str, name: str, member: int, deadl
     url = f"gs://{bucket.name}/{name}"
     try:
         bucket.blob(name).upload_from_string(
-            text, content_type="application/json", timeout=REQUEST_TIMEOUT, retry=_retry(deadline)
+            text, content_type="application/json", timeout=_timeout(deadline), retry=_retry(deadline)
         )
     except BUCKET_ERRORS as exc:
         raise UploadFailed(member, f"upload failed: {exc}", url) from exc
@@ -116,7 +123,7 @@ def upload_text(bucket: storage.Bucket, text: str, name: str, member: int, deadl
 def delete_object(bucket: storage.Bucket, name: str, member: int, deadline: float) -> None:
     url = f"gs://{bucket.name}/{name}"
     try:
-        bucket.blob(name).delete(timeout=REQUEST_TIMEOUT, retry=_retry(deadline))
+        bucket.blob(name).delete(timeout=_timeout(deadline), retry=_retry(deadline))
     except gexc.NotFound:
         pass
     except BUCKET_ERRORS as exc:
@@ -124,7 +131,7 @@ def delete_object(bucket: storage.Bucket, name: str, member: int, deadline: floa
 
 
 def object_exists(bucket: storage.Bucket, name: str, deadline: float = 60.0) -> bool:
-    return bucket.get_blob(name, timeout=REQUEST_TIMEOUT, retry=_retry(deadline)) is not None
+    return bucket.get_blob(name, timeout=_timeout(deadline), retry=_retry(deadline)) is not None
 
 
 def _remove(path: str) -> None:

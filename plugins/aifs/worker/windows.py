@@ -35,6 +35,19 @@ def ensemble_encoding(member: int) -> dict[str, Any]:
     }
 
 
+def _release_output_path(path: str) -> None:
+    """Let a later output in this process write ``path`` again (a rerun of the same member).
+
+    anemoi-inference refuses a path any output of the process has used (a guard against two
+    datasets writing one file), and never forgets it. Our windows are closed before reuse.
+    """
+    from pathlib import Path
+
+    from anemoi.inference import decorators
+
+    getattr(decorators, "UNIQUE_PATHS", {}).get("path", set()).discard(Path(path))
+
+
 def count_messages(path: str) -> int:
     import eccodes
 
@@ -106,6 +119,7 @@ class WindowedGribWriter:
                 self._output.close()
             except Exception:  # the file is deleted anyway
                 pass
+            _release_output_path(self._path)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -154,6 +168,7 @@ class WindowedGribWriter:
     def _close_window(self) -> None:
         self._output.close()
         self._output = None
+        _release_output_path(self._path)
         window = self._window
         messages = count_messages(self._path)
         LOG.info("[WINDOW] member %03d h%03d-%03d closed: %s (%d messages, %.1f MB)", self.member,

@@ -170,8 +170,8 @@ class LocalBackend(HostBackend):
             # Any way out of here but the worker's own exit (the task was killed, timed out or
             # marked failed) must not leave a worker holding the GPU.
             if process.poll() is None:
-                log(f"stopping worker process group {process.pid}")
-                _signal_group(process.pid, signal.SIGTERM)
+                _signal_group(process.pid, signal.SIGTERM)  # first, before anything else can fail
+                log(f"stopped worker process group {process.pid}")
                 try:
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:

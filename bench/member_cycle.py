@@ -376,6 +376,10 @@ def parse_args(argv=None):
     p.add_argument("--step-seconds", type=float, default=1.5, help="fixed time per model step (default %(default)s)")
     p.add_argument("--lead-time", type=int, default=216, help="hours, 72 h a window (default %(default)s = 3 windows)")
     p.add_argument("--upload-threads", type=int, default=5, help="upload threads, both modes (default %(default)s)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="CPU threads for the model's tensor work (default %(default)s). On a GPU host that work runs on "
+                   "the GPU and leaves the CPU cores to GRIB writing and uploads; on this CPU-only stand-in it is held "
+                   "to one core so the other cores play the same role")
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT")
     p.add_argument("--stock-emulator", action="store_true",
                    help="run the stock gcp-storage-emulator (quadratic resumable uploads: ~150 s of its CPU a window)")
@@ -389,6 +393,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging()
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     from aifs.layout import input_object, windows
     from aifs.testing.emulator import StorageEmulator
     from aifs.testing.synthetic import make_input_state, member_seed

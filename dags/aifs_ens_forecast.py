@@ -89,6 +89,11 @@ def aifs_ens_forecast():
             )
         except BadParams as exc:
             raise AirflowFailException(f"{exc}\nNo host was created. Fix the params and trigger the run again.") from None
+        if DEPLOYMENT.parallel_members > 1 and config["backend"] != "gke":
+            raise AirflowFailException(
+                f"AIFS_ENS_PARALLEL_MEMBERS={DEPLOYMENT.parallel_members} needs the gke backend (one GPU pod per member); "
+                f"a {config['backend']} host has one GPU, so its members must run one at a time. No host was created."
+            )
         log.info("forecast date %s, members %s, backend %s, bucket %s", config["date"], config["members_text"], config["backend"], config["bucket"])
         return config
 
@@ -107,7 +112,7 @@ def aifs_ens_forecast():
         return todo
 
     @setup
-    @task
+    @task(retries=DEPLOYMENT.host_retries, retry_delay=DEPLOYMENT.retry_delay, retry_exponential_backoff=True)
     def create_host(config: dict, planned: list[int]) -> dict:
         if not planned:
             raise AirflowSkipException("every selected member is finished: no host needed")
@@ -124,7 +129,7 @@ def aifs_ens_forecast():
             raise
 
     @task(
-        max_active_tis_per_dagrun=1,  # one GPU host, one member at a time
+        max_active_tis_per_dagrun=DEPLOYMENT.parallel_members,  # 1: one GPU host, one member at a time
         retries=DEPLOYMENT.member_retries,
         retry_delay=DEPLOYMENT.retry_delay,
         retry_exponential_backoff=True,

@@ -68,9 +68,13 @@ def airflow_db():
     return AIRFLOW_HOME
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def dag(airflow_db):
-    """The DAG as Airflow loads it from the DAGs folder."""
+    """The DAG as Airflow loads it from the DAGs folder, fresh for each test.
+
+    Fresh because tasks run by dag.test() in this process write the run's conf into the DAG
+    object's params, and a later dag.test() would inherit them (a real task process parses anew).
+    """
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(DAG_FILE))

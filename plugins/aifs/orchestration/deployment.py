@@ -14,6 +14,10 @@ AIFS_ENS_MAX_ACTIVE_RUNS     1                         dates in flight at once (
 AIFS_ENS_MEMBER_RETRIES      2                         retries of a member after a transient failure
 AIFS_ENS_RETRY_DELAY_S       120                       first retry delay; doubles each try
 AIFS_ENS_MEMBER_TIMEOUT_MIN  180                       one member's limit, download to last upload
+AIFS_ENS_HOST_RETRIES        2                         retries of host creation (GPU stockouts, quota races)
+AIFS_ENS_PARALLEL_MEMBERS    1                         members in flight at once; above 1 only with the
+                                                       gke backend (one GPU pod each); VM and ssh hosts
+                                                       have one GPU, so members there stay serial
 ===========================  ========================  ===========================================
 """
 
@@ -35,6 +39,8 @@ class DeploymentSettings:
     member_retries: int
     retry_delay: dt.timedelta
     member_timeout: dt.timedelta
+    host_retries: int = 2
+    parallel_members: int = 1
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "DeploymentSettings":
@@ -54,4 +60,13 @@ class DeploymentSettings:
             member_retries=int(env.get("AIFS_ENS_MEMBER_RETRIES", "2")),
             retry_delay=dt.timedelta(seconds=float(env.get("AIFS_ENS_RETRY_DELAY_S", "120"))),
             member_timeout=dt.timedelta(minutes=float(env.get("AIFS_ENS_MEMBER_TIMEOUT_MIN", "180"))),
+            host_retries=int(env.get("AIFS_ENS_HOST_RETRIES", "2")),
+            parallel_members=_at_least_one("AIFS_ENS_PARALLEL_MEMBERS", env.get("AIFS_ENS_PARALLEL_MEMBERS", "1")),
         )
+
+
+def _at_least_one(name: str, text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value

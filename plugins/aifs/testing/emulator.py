@@ -102,11 +102,17 @@ def anonymous_client(url: str, project: str = "test"):
     return storage.Client(project=project, credentials=AnonymousCredentials(), client_options={"api_endpoint": url})
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9023)
     parser.add_argument("--data-dir", default=None, help="persist objects here (default: in memory)")
     args = parser.parse_args(argv)
+    # the server runs in a session of its own; take it down with us on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
     with StorageEmulator(args.port, args.data_dir) as emu:
         print(f"STORAGE_EMULATOR_HOST={emu.url}", flush=True)
         try:

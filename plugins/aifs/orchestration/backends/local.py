@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ WORKER_PYTHON_ENV = "AIFS_WORKER_PYTHON"
 
 #: What create_host asks the worker Python to prove: the stack imports, and which devices it has.
 _CHECK_SCRIPT = """
-import json, shutil, sys
+import json, sys
 import aifs.worker.cli, torch, anemoi.inference
 print(json.dumps({"python": sys.executable, "torch": torch.__version__,
                   "cuda": torch.cuda.is_available(), "gpus": torch.cuda.device_count()}))
@@ -121,8 +122,6 @@ class LocalBackend(HostBackend):
             raise RuntimeError(
                 f"the worker environment at {python} cannot run the worker (exit {probe.returncode}):\n{probe.stderr[-3000:]}"
             )
-        import json
-
         facts = json.loads(probe.stdout.strip().splitlines()[-1])
         if self.settings["device"] == "cuda" and not facts["cuda"]:
             raise RuntimeError(f"host.device is cuda but torch {facts['torch']} at {python} sees no GPU")

@@ -34,7 +34,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from aifs.members import format_members, member_label
 from aifs.orchestration.alerts import FINDINGS_KEY, run_failure_alert, task_failure_alert
 from aifs.orchestration.deployment import DeploymentSettings
-from aifs.orchestration.params import DAG_ID, BadParams, param_specs, resolve_run_config
+from aifs.orchestration.params import DAG_ID, BadParams, param_specs, resolve_run_config, with_defaults
 from aifs.orchestration.sensors import WaitForInputsSensor
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _backend(config: dict):
     start_date=DEPLOYMENT.start_date,
     catchup=DEPLOYMENT.catchup,
     max_active_runs=DEPLOYMENT.max_active_runs,
-    params={name: Param(**spec) for name, spec in param_specs().items()},
+    params={name: Param(**spec) for name, spec in with_defaults(param_specs(), DEPLOYMENT.param_defaults).items()},
     default_args={"retries": 0, "on_failure_callback": task_failure_alert},
     on_failure_callback=run_failure_alert,
     doc_md=__doc__,

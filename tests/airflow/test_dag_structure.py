@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import DAG_FILE, PLUGINS
 
 from aifs.orchestration.deployment import DeploymentSettings
@@ -34,6 +36,48 @@ print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}
     assert result["dags"] == ["aifs_ens_forecast"]
     assert result["heavy"] == [], f"the DAG file pulled in {result['heavy']}"
     assert result["seconds"] < 5, f"parsing the DAG file took {result['seconds']:.1f} s"
+
+
+def _parse_in_fresh_interpreter(extra_env: dict[str, str]) -> dict:
+    probe = f"""
+import json
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder={str(DAG_FILE)!r})
+dag = bag.dags.get("aifs_ens_forecast")
+print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}},
+                  "defaults": {{k: dag.params[k] for k in dag.params}} if dag else None,
+                  "parallel": dag.get_task("run_member").max_active_tis_per_dagrun if dag else None}}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(PLUGINS), **extra_env)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_deployment_sets_the_defaults_scheduled_runs_use():
+    """Scheduled runs and backfills take param defaults: a Composer environment sets its own by env var."""
+    host = {"project_id": "p", "zone": "us-central1-a", "service_account": "w@p.iam.gserviceaccount.com",
+            "image": "us-docker.pkg.dev/p/aifs/worker:1"}
+    result = _parse_in_fresh_interpreter({
+        "AIFS_ENS_PARAM_DEFAULTS": json.dumps({"bucket": "team-forecasts", "backend": "gce", "host": host}),
+        "AIFS_ENS_PARALLEL_MEMBERS": "1",
+    })
+    assert result["errors"] == {}
+    assert (result["defaults"]["bucket"], result["defaults"]["backend"], result["defaults"]["host"]) == (
+        "team-forecasts", "gce", host)
+    assert result["defaults"]["members"] == "1-50"  # untouched defaults stay
+    assert result["parallel"] == 1
+
+
+@pytest.mark.parametrize("defaults, says", [
+    ({"bucket": "UPPER"}, "AIFS_ENS_PARAM_DEFAULTS['bucket']"),
+    ({"backend": "slurm"}, "AIFS_ENS_PARAM_DEFAULTS['backend']"),
+    ({"buckett": "x"}, "unknown params: buckett"),
+])
+def test_bad_deployment_defaults_are_an_import_error_naming_them(defaults, says):
+    result = _parse_in_fresh_interpreter({"AIFS_ENS_PARAM_DEFAULTS": json.dumps(defaults)})
+    assert result["defaults"] is None
+    assert any(says in error for error in result["errors"].values()), result["errors"]
 
 
 def test_tasks_in_order(dag):

@@ -15,6 +15,10 @@ AIFS_ENS_MEMBER_RETRIES      2                         retries of a member after
 AIFS_ENS_RETRY_DELAY_S       120                       first retry delay; doubles each try
 AIFS_ENS_MEMBER_TIMEOUT_MIN  180                       one member's limit, download to last upload
 AIFS_ENS_HOST_RETRIES        2                         retries of host creation (GPU stockouts, quota races)
+AIFS_ENS_PARAM_DEFAULTS      {}                        JSON object: this deployment's param defaults, used
+                                                       by scheduled runs and backfills, e.g.
+                                                       {"bucket": "my-bucket", "backend": "gce",
+                                                        "host": {"project_id": "...", ...}}
 AIFS_ENS_PARALLEL_MEMBERS    1                         members in flight at once; above 1 only with the
                                                        gke backend (one GPU pod each); VM and ssh hosts
                                                        have one GPU, so members there stay serial
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
+from typing import Any
 
 from aifs.orchestration.params import CYCLE_HOURS
 
@@ -41,6 +47,7 @@ class DeploymentSettings:
     member_timeout: dt.timedelta
     host_retries: int = 2
     parallel_members: int = 1
+    param_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "DeploymentSettings":
@@ -62,7 +69,20 @@ class DeploymentSettings:
             member_timeout=dt.timedelta(minutes=float(env.get("AIFS_ENS_MEMBER_TIMEOUT_MIN", "180"))),
             host_retries=int(env.get("AIFS_ENS_HOST_RETRIES", "2")),
             parallel_members=_at_least_one("AIFS_ENS_PARALLEL_MEMBERS", env.get("AIFS_ENS_PARALLEL_MEMBERS", "1")),
+            param_defaults=_json_object("AIFS_ENS_PARAM_DEFAULTS", env.get("AIFS_ENS_PARAM_DEFAULTS", "")),
         )
+
+
+def _json_object(name: str, text: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object of param defaults, got {type(value).__name__}")
+    return value
 
 
 def _at_least_one(name: str, text: str) -> int:

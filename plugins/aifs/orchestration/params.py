@@ -34,6 +34,31 @@ def default_cycle_hour() -> int:
     return int(os.environ.get("AIFS_ENS_CYCLE_HOUR", "0"))
 
 
+def with_defaults(specs: dict[str, dict[str, Any]], defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``specs`` with a deployment's own defaults (AIFS_ENS_PARAM_DEFAULTS), checked against each schema.
+
+    Scheduled runs and backfills take the defaults, so this is how a Composer environment points
+    the daily run at its bucket and GPU backend without code changes.
+    """
+    import jsonschema
+
+    unknown = sorted(set(defaults) - set(specs))
+    if unknown:
+        raise ValueError(f"AIFS_ENS_PARAM_DEFAULTS names unknown params: {', '.join(unknown)} (known: {', '.join(specs)})")
+    merged = {}
+    for name, spec in specs.items():
+        spec = dict(spec)
+        if name in defaults:
+            schema = {k: v for k, v in spec.items() if k not in ("default", "description")}
+            try:
+                jsonschema.validate(defaults[name], schema)
+            except jsonschema.ValidationError as exc:
+                raise ValueError(f"AIFS_ENS_PARAM_DEFAULTS[{name!r}]: {exc.message}") from None
+            spec["default"] = defaults[name]
+        merged[name] = spec
+    return merged
+
+
 def param_specs(cycle_hour: int | None = None) -> dict[str, dict[str, Any]]:
     """name -> keyword arguments of ``airflow.sdk.Param`` (``default``, ``description``, JSON schema)."""
     return {

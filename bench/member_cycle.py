@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.torch_threads)
     from aifs.layout import input_object, windows
     from aifs.testing.emulator import StorageEmulator
-    from aifs.testing.synthetic import make_input_state, member_seed
+    from aifs.testing.synthetic import make_input_state, synthetic_input_seed
     from aifs.testing.tiny_model import BENCH_CONSTANT, BENCH_DIAGNOSTIC, BENCH_PROGNOSTIC, build_checkpoint
     from aifs.layout import parse_date
 
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
 
         phase("setup: synthetic input state, uploaded to the emulator")
         when = parse_date(DATE)
-        input_state = make_input_state(args.checkpoint_path, when, seed=member_seed(when, MEMBER))
+        input_state = make_input_state(args.checkpoint_path, when, seed=synthetic_input_seed(when, MEMBER))
         data = pickle.dumps(input_state, protocol=pickle.HIGHEST_PROTOCOL)
         input_bytes = len(data)
         bucket.blob(input_object(DATE, MEMBER)).upload_from_string(data, checksum="crc32c")

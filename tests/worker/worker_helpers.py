@@ -37,10 +37,10 @@ class Spec:
 
 def make_state(checkpoint: str, date: str = DATE, member: int = 1) -> dict:
     from aifs.layout import parse_date
-    from aifs.testing.synthetic import make_input_state, member_seed
+    from aifs.testing.synthetic import make_input_state, synthetic_input_seed
 
     when = parse_date(date)
-    return make_input_state(checkpoint, when, seed=member_seed(when, member))
+    return make_input_state(checkpoint, when, seed=synthetic_input_seed(when, member))
 
 
 def upload_bytes(bucket, name: str, data: bytes) -> None:

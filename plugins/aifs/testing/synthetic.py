@@ -47,7 +47,8 @@ def make_input_state(checkpoint_path: str, date: dt.datetime, seed: int = 0) -> 
     return {"date": date, "fields": fields}
 
 
-def member_seed(date: dt.datetime, member: int) -> int:
+def synthetic_input_seed(date: dt.datetime, member: int) -> int:
+    """Seed of a member's synthetic input values (not the forecast seed: aifs.worker.model.member_seed)."""
     return zlib.crc32(f"{date.isoformat()}:{member}".encode())
 
 
@@ -67,7 +68,7 @@ def seed_bucket(bucket, date_text: str, members: list[int], checkpoint_path: str
     names = []
     for member in members:
         local = os.path.join(workdir, input_filename(member))
-        write_input_state(local, make_input_state(checkpoint_path, date, seed=member_seed(date, member)))
+        write_input_state(local, make_input_state(checkpoint_path, date, seed=synthetic_input_seed(date, member)))
         blob = bucket.blob(input_object(date_text, member))
         blob.upload_from_filename(local, checksum="crc32c")
         os.remove(local)

@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dir", default=layout.DEFAULT_INPUT_DIR, help="local input dir (default %(default)s)")
     p.add_argument("--output-dir", default=layout.DEFAULT_OUTPUT_DIR, help="local GRIB dir (default %(default)s)")
     p.add_argument(
-        "--upload-threads", type=int, default=layout.DEFAULT_UPLOAD_THREADS, help="parallel uploads (default %(default)s)"
+        "--upload-threads", type=int, default=layout.DEFAULT_UPLOAD_THREADS,
+        help="windows uploading at once (default %(default)s; each window streams to the bucket while it is written "
+        "and at most two are on disk at a time, so more than 2 adds nothing)",
     )
     p.add_argument(
         "--checkpoint",

@@ -123,6 +123,7 @@ def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
             uploader.shutdown()
         timings["grib_write_s"] = writer.write_seconds
         timings["upload_s"] = uploader.upload_seconds
+        timings["upload_tail_s"] = uploader.tail_seconds
         timings["wall_s"] = time.perf_counter() - started
 
         # 6. the manifest is written last: its presence is what "complete" means

@@ -94,15 +94,25 @@ def download_input(blob: storage.Blob, member: int, input_dir: str, deadline: fl
     return local
 
 
-def upload_verified(bucket: storage.Bucket, local: str, name: str, member: int, deadline: float) -> tuple[int, str]:
-    """Upload ``local`` as ``name`` in 32 MiB chunks; read it back; return (size, crc32c) once verified."""
+def upload_verified(bucket: storage.Bucket, local: str, name: str, member: int, deadline: float,
+                    source=None) -> tuple[int, str]:
+    """Upload ``local`` as ``name`` in 32 MiB chunks; read it back; return (size, crc32c) once verified.
+
+    ``source``, when given, is a stream of ``local`` read while it is still being written (see
+    ``growing.GrowingFile``): the upload then ends when the stream does. Either way the object
+    is checked against the finished local file, read afresh.
+    """
     url = f"gs://{bucket.name}/{name}"
-    size, crc = os.path.getsize(local), crc32c_of_file(local)
     blob = bucket.blob(name, chunk_size=UPLOAD_CHUNK_BYTES)
     try:
-        blob.upload_from_filename(local, checksum="crc32c", timeout=_timeout(deadline), retry=_retry(deadline))
+        if source is None:
+            blob.upload_from_filename(local, checksum="crc32c", timeout=_timeout(deadline), retry=_retry(deadline))
+        else:  # no size: a resumable upload that takes the stream's first short read as its end
+            blob.upload_from_file(source, size=None, checksum="crc32c", timeout=_timeout(deadline),
+                                  retry=_retry(deadline))
+        size, crc = os.path.getsize(local), crc32c_of_file(local)
         stored = bucket.get_blob(name, timeout=_timeout(deadline), retry=_retry(deadline))
-    except BUCKET_ERRORS as exc:
+    except (DataCorruption, *BUCKET_ERRORS) as exc:
         raise UploadFailed(member, f"upload failed: {exc}", url) from exc
     if stored is None or stored.size != size or stored.crc32c != crc:
         got = "nothing" if stored is None else f"{stored.size} bytes, crc32c {stored.crc32c}"

@@ -1,14 +1,21 @@
-"""Upload closed GRIB windows in the background while the model keeps rolling.
+"""Stream each GRIB window into the bucket while it is written, then verify it and delete it locally.
 
-Each window is uploaded, read back and verified, then deleted locally. A slot limit keeps at
-most ``max_on_disk`` windows on local disk (the one being written plus the one uploading): when
-uploads fall behind, opening the next window waits, which in turn holds the model back, so
-disk stays bounded by one input plus two windows whatever the network does.
+A window's upload starts when the window is opened: its resumable upload session is fed 32 MiB
+chunks from the growing file (``growing.GrowingFile``) while the model rolls on, so closing the
+window leaves one short chunk to send, not the whole window. The object only exists once the
+window is complete; it is then read back (size and crc32c against the finished local file) and
+the local file deleted.
+
+A slot limit keeps at most ``max_on_disk`` windows on local disk (the one being written plus the
+one finishing its upload): when uploads fall behind, opening the next window waits, which in
+turn holds the model back, so disk stays bounded by one input plus two windows whatever the
+network does.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import os
 import threading
@@ -18,41 +25,74 @@ from aifs.layout import Window
 from aifs.manifest import ManifestObject
 from aifs.worker import storage
 from aifs.worker.errors import MemberError, UploadFailed
+from aifs.worker.growing import GrowingFile
 
 LOG = logging.getLogger("aifs.worker")
+
+
+@dataclasses.dataclass
+class WindowUpload:
+    """One window on its way to the bucket; the writer completes it when the window's file is closed."""
+
+    local: str
+    name: str
+    window: Window
+    stream: GrowingFile
+    messages: int = 0
+    completed_at: float = 0.0
+    sent_before_close: int = 0  # bytes already read into the upload when the window closed
+
+    def complete(self, messages: int) -> None:
+        self.messages, self.completed_at = messages, time.perf_counter()
+        self.sent_before_close = self.stream.tell()
+        self.stream.complete()
 
 
 class WindowUploader:
     def __init__(self, bucket, member: int, threads: int, deadline: float, max_on_disk: int = 2):
         self.bucket, self.member, self.deadline = bucket, member, deadline
-        self._pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"upload-m{member:03d}")
+        # At most ``max_on_disk`` windows are open at once, so more threads than that would idle.
+        self._pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, max_on_disk)),
+                                           thread_name_prefix=f"upload-m{member:03d}")
         self._slots = threading.Semaphore(max_on_disk)
+        self._uploads: list[WindowUpload] = []
         self._futures: list[cf.Future] = []
         self._failed = threading.Event()
-        self.upload_seconds = 0.0
+        self._timing_lock = threading.Lock()  # two upload threads add to the totals
+        self.upload_seconds = 0.0  # from a window's opening to its object verified, summed
+        self.tail_seconds = 0.0  # from a window's closing to its object verified, summed: what streaming leaves
 
-    def reserve_slot(self) -> None:
-        """Block until a window may be opened on local disk (or an upload has failed)."""
+    def open_window(self, local: str, name: str, window: Window) -> WindowUpload:
+        """Wait for a disk slot, then start streaming ``local`` (not written yet) to ``name``."""
         while not self._slots.acquire(timeout=0.5):
             self.raise_if_failed()
+        upload = WindowUpload(local, name, window, GrowingFile(local))
+        self._uploads.append(upload)
+        self._futures.append(self._pool.submit(self._upload, upload))
+        return upload
 
-    def submit(self, local: str, name: str, window: Window, messages: int) -> None:
-        self._futures.append(self._pool.submit(self._upload, local, name, window, messages))
-
-    def _upload(self, local: str, name: str, window: Window, messages: int) -> ManifestObject:
+    def _upload(self, upload: WindowUpload) -> ManifestObject:
         started = time.perf_counter()
         try:
-            size, crc = storage.upload_verified(self.bucket, local, name, self.member, self.deadline)
-            os.remove(local)  # safe in the bucket: free the disk for the next window
+            size, crc = storage.upload_verified(self.bucket, upload.local, upload.name, self.member, self.deadline,
+                                                source=upload.stream)
+            os.remove(upload.local)  # safe in the bucket: free the disk for the next window
         except BaseException:
             self._failed.set()
             raise
         finally:
+            upload.stream.close()
             self._slots.release()
-        elapsed = time.perf_counter() - started
-        self.upload_seconds += elapsed
-        LOG.info("[UPLOADED] gs://%s/%s (%.1f MB, crc32c %s, %.1f s)", self.bucket.name, name, size / 1e6, crc, elapsed)
-        return ManifestObject(name=name, size=size, crc32c=crc, window=(window.start, window.end), messages=messages)
+        done = time.perf_counter()
+        tail = done - upload.completed_at
+        with self._timing_lock:
+            self.upload_seconds += done - started
+            self.tail_seconds += tail
+        LOG.info("[UPLOADED] gs://%s/%s (%.1f MB, crc32c %s; %.1f MB streamed while written, verified %.1f s after "
+                 "the window closed)", self.bucket.name, upload.name, size / 1e6, crc, upload.sent_before_close / 1e6, tail)
+        window = upload.window
+        return ManifestObject(name=upload.name, size=size, crc32c=crc, window=(window.start, window.end),
+                              messages=upload.messages)
 
     def raise_if_failed(self) -> None:
         if self._failed.is_set():
@@ -73,7 +113,9 @@ class WindowUploader:
         return sorted(results, key=lambda o: o.window)
 
     def shutdown(self) -> None:
-        """Stop taking work; running uploads finish or fail on their own deadline."""
+        """Stop: uploads of windows never completed are cancelled unfinalized; running requests end on their deadline."""
+        for upload in self._uploads:
+            upload.stream.cancel()
         for future in self._futures:
             future.cancel()
         self._pool.shutdown(wait=True)

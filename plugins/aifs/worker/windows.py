@@ -3,8 +3,8 @@
 The runner yields one state per step; the model thread copies it (the runner reuses its dict)
 and queues it. The writer thread applies the accumulation post-processor once, in step order
 (per-window accumulators would restart sums but still label them from step 0), routes each step
-to its window's anemoi-inference GRIB output, and hands each window to the uploader as soon as
-its last step is written.
+to its window's anemoi-inference GRIB output. Each window's upload starts as the window opens
+(the uploader streams the file as it grows) and is completed the moment its last step is written.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class WindowedGribWriter:
         self._window: Window | None = None
         self._output = None
         self._path = ""
+        self._upload = None
         self._error: BaseException | None = None
         self.closed_windows: list[Window] = []
         self.write_seconds = 0.0
@@ -160,9 +161,11 @@ class WindowedGribWriter:
         if window != self._window:
             if self._output is not None:
                 self._close_window()
-            self.uploader.reserve_slot()  # bounded disk: wait while two windows are still local
             self._window = window
             self._path = os.path.join(self.output_dir, forecast_filename(self.date, self.member, window.start, window.end))
+            # bounded disk: waits while two windows are still local; then streams the file as it is written
+            self._upload = self.uploader.open_window(self._path, forecast_object(self.date, self.member, window.start,
+                                                                                 window.end), window)
             config = {"grib": {"path": self._path, "encoding": ensemble_encoding(self.member), "write_initial_state": False}}
             self._output = create_output(self.model.runner, config, self.model.metadata)
         self._output.write_state(self._accumulate.process(state))
@@ -179,4 +182,4 @@ class WindowedGribWriter:
         LOG.info("[WINDOW] member %03d h%03d-%03d closed: %s (%d messages, %.1f MB)", self.member,
                  window.start, window.end, os.path.basename(self._path), messages, os.path.getsize(self._path) / 1e6)
         self.closed_windows.append(window)
-        self.uploader.submit(self._path, forecast_object(self.date, self.member, window.start, window.end), window, messages)
+        self._upload.complete(messages)  # the upload may now send its last chunk and finalize the object

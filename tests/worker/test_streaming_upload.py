@@ -1,0 +1,170 @@
+"""Windows stream into the bucket while they are written (real emulator, real client, small chunks).
+
+The worker's O48 windows are smaller than one 32 MiB chunk, so here the chunk size is cut to the
+smallest GCS allows (256 KiB) and a thread plays the GRIB writer, appending to the window file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from aifs.layout import Window
+from aifs.worker import storage
+from aifs.worker.growing import GrowingFile, StreamCancelled
+from aifs.worker.uploader import WindowUploader
+
+CHUNK = 256 * 1024
+WINDOW = Window(0, 72)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(storage, "UPLOAD_CHUNK_BYTES", CHUNK)
+
+
+class Appender:
+    """Appends ``pieces`` random blocks to ``path`` from a thread, flushing each as a GRIB writer would."""
+
+    def __init__(self, path: str, pieces: int, piece_bytes: int = 100_000):
+        self.path, self.pieces, self.piece_bytes = path, pieces, piece_bytes
+        self.written = bytearray()
+        self.go_on = threading.Event()
+        self.go_on.set()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with open(self.path, "wb") as f:
+            for _ in range(self.pieces):
+                self.go_on.wait()
+                data = os.urandom(self.piece_bytes)
+                f.write(data)
+                f.flush()
+                self.written += data
+                time.sleep(0.01)
+
+    def start(self) -> "Appender":
+        self.thread.start()
+        return self
+
+    def join(self) -> None:
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_window_is_streamed_while_written_and_appears_only_once_complete(bucket, tmp_path):
+    local = str(tmp_path / "window.grib")
+    name = "20250601_0000/forecast/window.grib"
+    uploader = WindowUploader(bucket, member=7, threads=2, deadline=30)
+    try:
+        upload = uploader.open_window(local, name, WINDOW)  # before the file exists, as the writer does
+        writer = Appender(local, pieces=14).start()  # 1.4 MB: five whole chunks and a short one
+        writer.join()
+        size = len(writer.written)
+        whole_chunks = size // CHUNK * CHUNK
+        # every whole chunk leaves before the window is closed: closing leaves only the short one
+        assert _wait_for(lambda: upload.stream.tell() >= whole_chunks), (upload.stream.tell(), whole_chunks)
+        assert bucket.get_blob(name) is None, "an object appeared before its window was complete"
+
+        upload.complete(messages=14)
+        [obj] = uploader.wait()
+    finally:
+        uploader.shutdown()
+    assert (obj.name, obj.size, obj.messages, obj.window) == (name, size, 14, (0, 72))
+    assert bucket.blob(name).download_as_bytes() == bytes(writer.written)
+    assert obj.crc32c == bucket.get_blob(name).crc32c
+    assert not os.path.exists(local), "the verified window was not deleted locally"
+
+
+def test_window_of_exactly_whole_chunks(bucket, tmp_path):
+    """The last read is then empty: the library closes the object with an empty final chunk."""
+    local = str(tmp_path / "window.grib")
+    name = "exact/window.grib"
+    uploader = WindowUploader(bucket, member=1, threads=1, deadline=30)
+    try:
+        upload = uploader.open_window(local, name, WINDOW)
+        writer = Appender(local, pieces=2, piece_bytes=CHUNK).start()
+        writer.join()
+        assert _wait_for(lambda: upload.stream.tell() == 2 * CHUNK)
+        upload.complete(messages=2)
+        [obj] = uploader.wait()
+    finally:
+        uploader.shutdown()
+    assert obj.size == 2 * CHUNK
+    assert bucket.blob(name).download_as_bytes() == bytes(writer.written)
+
+
+def test_cancelled_window_never_appears_in_the_bucket(bucket, tmp_path):
+    """A member that fails mid-window: the half-sent upload is never finalized, so no object at all."""
+    local = str(tmp_path / "window.grib")
+    name = "cancelled/window.grib"
+    uploader = WindowUploader(bucket, member=3, threads=2, deadline=30)
+    upload = uploader.open_window(local, name, WINDOW)
+    writer = Appender(local, pieces=14).start()
+    writer.join()
+    assert _wait_for(lambda: upload.stream.tell() >= 2 * CHUNK), "nothing was streamed"
+    uploader.shutdown()  # what the cycle does when the member fails: the window is never completed
+    with pytest.raises(StreamCancelled):
+        uploader.raise_if_failed()
+    assert bucket.get_blob(name) is None
+    assert list(bucket.list_blobs()) == []
+    assert os.path.exists(local), "the uploader deleted a window it never verified (the cycle's cleanup does that)"
+
+
+def test_growing_file_reads_block_until_whole_or_complete(tmp_path):
+    path = str(tmp_path / "g.bin")
+    stream = GrowingFile(path, poll_seconds=0.01)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(stream.read(10)), daemon=True)
+    reader.start()
+    with open(path, "wb", buffering=0) as f:
+        f.write(b"abcd")
+        time.sleep(0.1)
+        assert reader.is_alive(), "a read returned short before the file was complete"
+        f.write(b"efghijkl")
+    reader.join(timeout=5)
+    assert got == [b"abcdefghij"] and stream.tell() == 10
+
+    stream.complete()
+    assert stream.read(10) == b"kl"  # the short read that ends the upload, only once complete
+    assert stream.read(10) == b""
+    stream.seek(4)  # resumable-upload recovery rewinds to the server's committed offset
+    assert stream.read(3) == b"efg"
+    stream.close()
+
+
+def test_growing_file_cancel_interrupts_a_waiting_read(tmp_path):
+    stream = GrowingFile(str(tmp_path / "never-written.bin"), poll_seconds=0.01)
+    errors: list[BaseException] = []
+
+    def read():
+        try:
+            stream.read(10)
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(0.05)
+    stream.cancel()
+    reader.join(timeout=5)
+    assert len(errors) == 1 and isinstance(errors[0], StreamCancelled)
+
+
+def test_completed_window_whose_file_never_appeared_is_an_error(tmp_path):
+    stream = GrowingFile(str(tmp_path / "missing.bin"))
+    stream.complete()
+    with pytest.raises(FileNotFoundError, match="never written"):
+        stream.read(10)

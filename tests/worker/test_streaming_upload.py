@@ -7,6 +7,7 @@ smallest GCS allows (256 KiB) and a thread plays the GRIB writer, appending to t
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -168,3 +169,77 @@ def test_completed_window_whose_file_never_appeared_is_an_error(tmp_path):
     stream.complete()
     with pytest.raises(FileNotFoundError, match="never written"):
         stream.read(10)
+
+
+class DroppingProxy:
+    """A TCP proxy on loopback in front of the emulator that can drop a connection on cue.
+
+    Once armed, the next bytes any client sends are not forwarded: that connection is cut, as a
+    flaky network would, and the client has to notice and send its request again.
+    """
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.armed = threading.Event()
+        self.drops = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if from_client and self.armed.is_set():
+                    self.armed.clear()
+                    self.drops += 1
+                    break  # the request never reaches the bucket
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_connection_dropped_mid_window_is_retried_and_the_window_completes(emulator, tmp_path):
+    from aifs.testing.emulator import anonymous_client
+
+    proxy = DroppingProxy(int(emulator.url.rsplit(":", 1)[1]))
+    bucket = anonymous_client(proxy.url).create_bucket("flaky-network")
+    local = str(tmp_path / "window.grib")
+    name = "flaky/window.grib"
+    uploader = WindowUploader(bucket, member=4, threads=2, deadline=30)
+    written = os.urandom(3 * CHUNK)
+    try:
+        upload = uploader.open_window(local, name, WINDOW)
+        with open(local, "wb") as f:  # the test plays the GRIB writer
+            f.write(written[: CHUNK * 3 // 2])
+            f.flush()
+            # the upload reads on into the second chunk only once the first one's request is answered
+            assert _wait_for(lambda: upload.stream.tell() > CHUNK), upload.stream.tell()
+            proxy.armed.set()  # so the second chunk's request is the one cut off
+            f.write(written[CHUNK * 3 // 2:])
+        upload.complete(messages=4)
+        [obj] = uploader.wait()
+    finally:
+        uploader.shutdown()
+        proxy.close()
+    assert proxy.drops == 1, "the proxy never dropped a connection: nothing was tested"
+    assert obj.size == 3 * CHUNK
+    assert bucket.blob(name).download_as_bytes() == written

@@ -243,3 +243,22 @@ def test_connection_dropped_mid_window_is_retried_and_the_window_completes(emula
     assert proxy.drops == 1, "the proxy never dropped a connection: nothing was tested"
     assert obj.size == 3 * CHUNK
     assert bucket.blob(name).download_as_bytes() == written
+
+
+def test_stale_file_under_the_window_name_is_not_streamed(bucket, tmp_path):
+    local = tmp_path / "window.grib"
+    local.write_bytes(b"stale bytes of an earlier, crashed attempt" * 10_000)
+    name = "stale/window.grib"
+    uploader = WindowUploader(bucket, member=2, threads=2, deadline=30)
+    try:
+        upload = uploader.open_window(str(local), name, WINDOW)
+        assert not local.exists(), "a stale file was left where the upload would stream it"
+        time.sleep(0.5)  # the upload session is open and waiting before the writer starts
+        writer = Appender(str(local), pieces=3).start()
+        writer.join()
+        upload.complete(messages=3)
+        [obj] = uploader.wait()
+    finally:
+        uploader.shutdown()
+    assert obj.size == len(writer.written)
+    assert bucket.blob(name).download_as_bytes() == bytes(writer.written)

@@ -66,6 +66,10 @@ class WindowUploader:
         """Wait for a disk slot, then start streaming ``local`` (not written yet) to ``name``."""
         while not self._slots.acquire(timeout=0.5):
             self.raise_if_failed()
+        try:  # the window is written from scratch: never stream a stale file left under its name
+            os.remove(local)
+        except FileNotFoundError:
+            pass
         upload = WindowUpload(local, name, window, GrowingFile(local))
         self._uploads.append(upload)
         self._futures.append(self._pool.submit(self._upload, upload))

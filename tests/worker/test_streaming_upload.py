@@ -262,3 +262,25 @@ def test_stale_file_under_the_window_name_is_not_streamed(bucket, tmp_path):
         uploader.shutdown()
     assert obj.size == len(writer.written)
     assert bucket.blob(name).download_as_bytes() == bytes(writer.written)
+
+
+def test_unexpected_upload_error_mid_forecast_is_an_upload_failure(run_main, client, bucket, slow_checkpoint, dirs,
+                                                                   monkeypatch):
+    """E.g. google-cloud-storage's ValueError when a bucket commits part of a chunk: exit 13, not 12."""
+    from worker_helpers import manifest_names, seed, worker_args
+
+    from aifs.exitcodes import ExitCode
+
+    def partial_commit(*args, **kwargs):
+        raise ValueError("Bytes stream is in unexpected state. The local stream has had 262144 bytes read from it "
+                         "while 131072 bytes have already been updated (they should match).")
+
+    monkeypatch.setattr(storage, "upload_verified", partial_commit)
+    seed(bucket, slow_checkpoint, [1])
+    code, text = run_main(worker_args(bucket=bucket.name, checkpoint=slow_checkpoint, dirs=dirs, members="1",
+                                      lead_time=150))
+    assert code == ExitCode.UPLOAD_FAILED, text[-3000:]
+    assert "upload crashed: ValueError" in text
+    assert "inference failed" not in text.lower()
+    assert manifest_names(client, bucket.name) == []
+    assert dirs.files() == []

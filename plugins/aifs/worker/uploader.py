@@ -102,7 +102,7 @@ class WindowUploader:
         if self._failed.is_set():
             for future in self._futures:
                 if future.done() and future.exception() is not None:
-                    raise future.exception()
+                    raise self._member_error(future.exception())
 
     def wait(self) -> list[ManifestObject]:
         """All uploads' results in window order; the first failure is raised."""
@@ -110,11 +110,17 @@ class WindowUploader:
         for future in self._futures:
             try:
                 results.append(future.result())
-            except MemberError:
-                raise
             except Exception as exc:
-                raise UploadFailed(self.member, f"upload crashed: {type(exc).__name__}: {exc}") from exc
+                raise self._member_error(exc)
         return sorted(results, key=lambda o: o.window)
+
+    def _member_error(self, exc: BaseException) -> BaseException:
+        """An upload's failure as the member's upload failure (exit 13), wherever it surfaces."""
+        if isinstance(exc, MemberError) or not isinstance(exc, Exception):
+            return exc
+        error = UploadFailed(self.member, f"upload crashed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
 
     def shutdown(self) -> None:
         """Stop: uploads of windows never completed are cancelled unfinalized; running requests end on their deadline."""

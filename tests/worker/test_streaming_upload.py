@@ -15,6 +15,7 @@ import pytest
 
 from aifs.layout import Window
 from aifs.worker import storage
+from aifs.worker.errors import UploadFailed
 from aifs.worker.growing import GrowingFile, StreamCancelled
 from aifs.worker.uploader import WindowUploader
 
@@ -117,8 +118,9 @@ def test_cancelled_window_never_appears_in_the_bucket(bucket, tmp_path):
     writer.join()
     assert _wait_for(lambda: upload.stream.tell() >= 2 * CHUNK), "nothing was streamed"
     uploader.shutdown()  # what the cycle does when the member fails: the window is never completed
-    with pytest.raises(StreamCancelled):
+    with pytest.raises(UploadFailed, match="cancelled before the window was complete") as failure:
         uploader.raise_if_failed()
+    assert isinstance(failure.value.__cause__, StreamCancelled)
     assert bucket.get_blob(name) is None
     assert list(bucket.list_blobs()) == []
     assert os.path.exists(local), "the uploader deleted a window it never verified (the cycle's cleanup does that)"

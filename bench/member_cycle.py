@@ -344,8 +344,8 @@ def report(args, figures: dict, input_bytes: int) -> dict:
     print(" | ".join(detail))
     for mode, f in figures.items():
         print(" | ".join([mode, f"{f['member_s']:.1f}", f"{f['download_s']:.1f}", f"{f['grib_write_s']:.1f}",
-                          f"{f['upload_s']:.1f}", f"{f['upload_tail_s']:.1f}", f"{f['caller_s']:.1f}", f"{statistics.median(f['step_s']):.3f}",
-                          f"{f['cpu_s']:.1f}", f"{f['emulator_cpu_s']:.1f}"]))
+                          f"{f['upload_s']:.1f}", f"{f['upload_tail_s']:.1f}", f"{f['caller_s']:.1f}",
+                          f"{statistics.median(f['step_s']):.3f}", f"{f['cpu_s']:.1f}", f"{f['emulator_cpu_s']:.1f}"]))
     s, b = figures["streaming"], figures["baseline"]
     print()
     print(f"wall/model side by side: streaming {s['ratio']:.3f}  baseline {b['ratio']:.3f}  "

@@ -38,6 +38,7 @@ class WindowUpload:
     name: str
     window: Window
     stream: GrowingFile
+    future: cf.Future | None = None
     messages: int = 0
     completed_at: float = 0.0
     sent_before_close: int = 0  # bytes already read into the upload when the window closed
@@ -56,7 +57,6 @@ class WindowUploader:
                                            thread_name_prefix=f"upload-m{member:03d}")
         self._slots = threading.Semaphore(max_on_disk)
         self._uploads: list[WindowUpload] = []
-        self._futures: list[cf.Future] = []
         self._failed = threading.Event()
         self._timing_lock = threading.Lock()  # two upload threads add to the totals
         self.upload_seconds = 0.0  # from a window's opening to its object verified, summed
@@ -71,8 +71,8 @@ class WindowUploader:
         except FileNotFoundError:
             pass
         upload = WindowUpload(local, name, window, GrowingFile(local))
+        upload.future = self._pool.submit(self._upload, upload)
         self._uploads.append(upload)
-        self._futures.append(self._pool.submit(self._upload, upload))
         return upload
 
     def _upload(self, upload: WindowUpload) -> ManifestObject:
@@ -81,8 +81,11 @@ class WindowUploader:
             size, crc = storage.upload_verified(self.bucket, upload.local, upload.name, self.member, self.deadline,
                                                 source=upload.stream)
             os.remove(upload.local)  # safe in the bucket: free the disk for the next window
-        except BaseException:
+        except BaseException as exc:
             self._failed.set()
+            if isinstance(exc, Exception) and not isinstance(exc, MemberError):
+                # e.g. the library's ValueError on a partly committed chunk: still the member's upload failure
+                raise UploadFailed(self.member, f"upload crashed: {type(exc).__name__}: {exc}") from exc
             raise
         finally:
             upload.stream.close()
@@ -100,32 +103,17 @@ class WindowUploader:
 
     def raise_if_failed(self) -> None:
         if self._failed.is_set():
-            for future in self._futures:
-                if future.done() and future.exception() is not None:
-                    raise self._member_error(future.exception())
+            for upload in self._uploads:
+                if upload.future.done() and upload.future.exception() is not None:
+                    raise upload.future.exception()
 
     def wait(self) -> list[ManifestObject]:
         """All uploads' results in window order; the first failure is raised."""
-        results = []
-        for future in self._futures:
-            try:
-                results.append(future.result())
-            except Exception as exc:
-                raise self._member_error(exc)
-        return sorted(results, key=lambda o: o.window)
-
-    def _member_error(self, exc: BaseException) -> BaseException:
-        """An upload's failure as the member's upload failure (exit 13), wherever it surfaces."""
-        if isinstance(exc, MemberError) or not isinstance(exc, Exception):
-            return exc
-        error = UploadFailed(self.member, f"upload crashed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
+        return sorted((upload.future.result() for upload in self._uploads), key=lambda o: o.window)
 
     def shutdown(self) -> None:
         """Stop: uploads of windows never completed are cancelled unfinalized; running requests end on their deadline."""
         for upload in self._uploads:
             upload.stream.cancel()
-        for future in self._futures:
-            future.cancel()
+            upload.future.cancel()
         self._pool.shutdown(wait=True)

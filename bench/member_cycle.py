@@ -1,26 +1,32 @@
 #!/usr/bin/env python
-"""One member, two ways, in one run: the streaming worker against the old scripts' serial I/O.
+"""One member, several ways, in one run: GRIB writer processes against the single in-process writer.
 
-    .venv/bin/python bench/member_cycle.py [--step-seconds 1.5] [--lead-time 216] [--upload-threads 5] [--json OUT]
+    .venv/bin/python bench/member_cycle.py [--step-seconds 1.5] [--fields 102] [--lead-time 216]
+        [--modes writers,in-process,serial] [--grib-writers N] [--json OUT]
+    .venv/bin/python bench/member_cycle.py --matrix      # what `make bench` runs (~20 min on 2 cores)
 
 Real parts: a gcp-storage-emulator process (the worker reaches it through STORAGE_EMULATOR_HOST),
-the real anemoi-inference runner on the tiny N320 checkpoint with ~100 output fields a step,
-each model step held to ``--step-seconds`` (a stand-in for the GPU), and for the streaming run
-the worker's own code path (``aifs.worker.cycle.run_member``).
+the real anemoi-inference runner on the tiny N320 checkpoint with 102 (AIFS-ENS v1) or 120
+(v2) output fields a step, each model step held to ``--step-seconds`` (a stand-in for the GPU),
+and the worker's own code path (``aifs.worker.cycle.run_member``).
 
-- streaming: ``run_member`` as the worker runs it (GRIB windows on a writer thread, each window
-  streamed into its resumable upload session as it is written, then verified and deleted while
-  the model rolls on).
-- baseline: what the old scripts did, with the same Model instance and seed: GRIB written in line
-  in the model loop (one anemoi GRIB output per window, the worker's ensemble encoding, accumulation
-  applied once), then every window uploaded with ``storage.upload_verified`` on a pool of
-  ``--upload-threads`` threads, then deleted.
+- writers: ``run_member`` with ``--grib-writers N`` (default: cores - 1): each step copied into
+  shared memory and encoded by N writer processes (aifs.worker.grib_writers), each window
+  streamed into its resumable upload session as it is written, verified and deleted.
+- in-process: ``run_member`` with ``--grib-writers 0``: today's single writer thread in the
+  model's process (encoding shares the model's interpreter lock and cores).
+- serial: what the old scripts did, with the same Model instance and seed: GRIB written in line
+  in the model loop, then every window uploaded on ``--upload-threads`` threads, then deleted.
+
+``--matrix`` runs 216 h at a 4 s and a 1 s step, at 102 and 120 fields, writers vs in-process
+(same run, same model), then messages/s against the number of writers at a 0.25 s step.
 
 "model s" is the time spent inside the forecast generator's ``next()`` (anemoi's per-step work
 plus the stand-in GPU time); "wall s" runs from the forecast's start to the last window verified
 in the bucket. Peak disk is sampled every ~0.1 s by a thread summing file sizes under the input
-and output dirs. Figures are ratios against a baseline measured in the same run: nothing is
-asserted on time. Working files live under .bench/ and are deleted at the end.
+and output dirs; peak memory every ~0.5 s as the summed PSS of this process and its writer
+processes (shared memory counted once). Figures are ratios against a mode measured in the same
+run: nothing is asserted on time. Working files live under .bench/ and are deleted at the end.
 """
 
 from __future__ import annotations
@@ -115,6 +121,43 @@ class DiskSampler:
         self.peak = max(self.peak, self.total())
 
 
+class MemorySampler:
+    """Peak summed PSS (shared pages split between their users) of this process and its children but ``exclude``."""
+
+    def __init__(self, exclude: set[int], interval: float = 0.5):
+        self.exclude, self.interval = exclude, interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def total(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            if p.pid in self.exclude:
+                continue
+            try:
+                info = p.memory_full_info()
+                total += getattr(info, "pss", info.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.total())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class ForecastMeter:
     """Wraps ``Model.forecast`` (bench only): sums the time spent inside the generator's ``next()``."""
 
@@ -172,8 +215,8 @@ class CpuMeter:
 # -- the two modes -----------------------------------------------------------------------------
 
 
-def run_streaming(args, model, meter, bucket, dirs) -> dict:
-    """The worker's own per-member cycle."""
+def run_streaming(args, model, meter, bucket, dirs, writers: int) -> dict:
+    """The worker's own per-member cycle, GRIB encoded by ``writers`` processes (0: its in-process thread)."""
     import aifs.worker.cycle as cycle
     from aifs.layout import manifest_object
     from aifs.manifest import Manifest
@@ -192,12 +235,13 @@ def run_streaming(args, model, meter, bucket, dirs) -> dict:
         date=DATE, members=[MEMBER], bucket=bucket.name, service_account=None, input_dir=dirs["input"],
         output_dir=dirs["output"], upload_threads=args.upload_threads, checkpoint=args.checkpoint_path,
         lead_time=args.lead_time, precision=None, num_chunks=None, device="cpu", force=True, upload_timeout=600.0,
+        grib_writers=writers,
     )
     saved = cycle.WindowUploader
     cycle.WindowUploader = TimedUploader
     meter.reset()
     try:
-        with DiskSampler([dirs["input"], dirs["output"]]) as disk:
+        with DiskSampler([dirs["input"], dirs["output"]]) as disk, MemorySampler(args.exclude_pids) as memory:
             started = time.perf_counter()
             result = cycle.run_member(MEMBER, opts=opts, bucket=bucket, get_model=lambda: model)
             member_s = time.perf_counter() - started
@@ -214,6 +258,7 @@ def run_streaming(args, model, meter, bucket, dirs) -> dict:
         "window_bytes": max(o.size for o in manifest.objects),
         "objects": {o.name: (o.size, o.crc32c) for o in manifest.objects},
         "peak_disk_bytes": disk.peak,
+        "peak_memory_bytes": memory.peak,
         "disk_samples": disk.samples,
         "grib_write_s": manifest.timings.get("grib_write_s"),
         "upload_s": manifest.timings.get("upload_s"),
@@ -236,7 +281,7 @@ def run_baseline(args, model, meter, bucket, dirs) -> dict:
     from aifs.worker.windows import count_messages, ensemble_encoding
 
     meter.reset()
-    with DiskSampler([dirs["input"], dirs["output"]]) as disk:
+    with DiskSampler([dirs["input"], dirs["output"]]) as disk, MemorySampler(args.exclude_pids) as memory:
         started = time.perf_counter()
         blob = storage.find_input(bucket, DATE, MEMBER, 600.0)
         t = time.perf_counter()
@@ -282,6 +327,7 @@ def run_baseline(args, model, meter, bucket, dirs) -> dict:
         "window_bytes": max(size for size, _ in objects.values()),
         "objects": objects,
         "peak_disk_bytes": disk.peak,
+        "peak_memory_bytes": memory.peak,
         "disk_samples": disk.samples,
         "grib_write_s": write_s,
         "upload_s": uploads_done - inference_done,
@@ -317,23 +363,25 @@ def torch_threads() -> int:
 # -- report --------------------------------------------------------------------------------------
 
 
-def report(args, figures: dict, input_bytes: int) -> dict:
+def report(args, figures: dict, input_bytes: int, reference: str) -> dict:
+    """One configuration's table; every mode's wall/model against ``reference``'s, measured in the same run."""
     window = max(f["window_bytes"] for f in figures.values())
     one, two = (input_bytes + window) / 1e9, (input_bytes + 2 * window) / 1e9
     rows = []
-    header = ["mode", "wall s", "model s", "wall/model", "GRIB msg/s", "peak disk GB", "input+1 window GB",
+    header = ["mode", "wall s", "model s", "wall/model", "GRIB msg/s", "peak memory GB", "peak disk GB",
               "input+2 windows GB"]
     for mode, f in figures.items():
         f["ratio"] = f["wall_s"] / f["model_s"]
         f["msg_per_s"] = f["messages"] / f["wall_s"]
         rows.append([mode, f"{f['wall_s']:.1f}", f"{f['model_s']:.1f}", f"{f['ratio']:.3f}", f"{f['msg_per_s']:.1f}",
-                     f"{f['peak_disk_bytes'] / 1e9:.2f}", f"{one:.2f}", f"{two:.2f}"])
+                     f"{f['peak_memory_bytes'] / 1e9:.2f}", f"{f['peak_disk_bytes'] / 1e9:.2f}", f"{two:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     print()
     print(f"one member, N320 ({args.fields} output fields a step), lead time {args.lead_time} h "
           f"({args.steps} steps, {args.windows} windows), step {args.step_seconds} s, {args.upload_threads} upload threads, "
-          f"{os.cpu_count()} cores, torch threads {torch_threads()}, {'stock' if args.stock_emulator else 'linear-upload'} emulator")
+          f"{len(os.sched_getaffinity(0))} cores, torch threads {torch_threads()}, "
+          f"{'stock' if args.stock_emulator else 'linear-upload'} emulator")
     print(line(header))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
@@ -346,43 +394,73 @@ def report(args, figures: dict, input_bytes: int) -> dict:
         print(" | ".join([mode, f"{f['member_s']:.1f}", f"{f['download_s']:.1f}", f"{f['grib_write_s']:.1f}",
                           f"{f['upload_s']:.1f}", f"{f['upload_tail_s']:.1f}", f"{f['caller_s']:.1f}",
                           f"{statistics.median(f['step_s']):.3f}", f"{f['cpu_s']:.1f}", f"{f['emulator_cpu_s']:.1f}"]))
-    s, b = figures["streaming"], figures["baseline"]
     print()
-    print(f"wall/model side by side: streaming {s['ratio']:.3f}  baseline {b['ratio']:.3f}  "
-          f"(streaming wall / baseline model time: {s['wall_s'] / b['model_s']:.3f}; "
-          f"streaming saves {b['wall_s'] - s['wall_s']:.1f} s = {100 * (1 - s['wall_s'] / b['wall_s']):.0f}% of baseline wall)")
-    same = s["objects"] == b["objects"]
-    print(f"same bytes in the bucket from both modes (size + crc32c of every window): {'yes' if same else 'NO'}")
-    ratio_met = s["ratio"] <= 1.05
-    disk_met = s["peak_disk_bytes"] <= input_bytes + 2 * window
-    print(f"target: streaming wall/model <= 1.05: {'MET' if ratio_met else 'NOT MET'} ({s['ratio']:.3f})")
-    print(f"peak disk <= input + 2 windows: {'MET' if disk_met else 'NOT MET'} "
-          f"({s['peak_disk_bytes'] / 1e9:.2f} GB <= {two:.2f} GB)")
+    ref = figures[reference]
+    same = all(f["objects"] == ref["objects"] for f in figures.values())
+    print(f"same bytes in the bucket from every mode (size + crc32c of every window): {'yes' if same else 'NO'}")
+    target = args.target_ratio
+    checks = {}
+    for mode, f in figures.items():
+        if mode == reference:
+            continue
+        print(f"{mode} vs {reference}: wall/model {f['ratio']:.3f} vs {ref['ratio']:.3f}; wall {f['wall_s']:.1f} vs "
+              f"{ref['wall_s']:.1f} s ({100 * (1 - f['wall_s'] / ref['wall_s']):+.0f}% saved)")
+    if "writers" in figures:
+        f = figures["writers"]
+        checks["ratio"] = f["ratio"] <= target
+        checks["disk"] = f["peak_disk_bytes"] <= input_bytes + 2 * window
+        print(f"target: writers wall/model <= {target}: {'MET' if checks['ratio'] else 'NOT MET'} ({f['ratio']:.3f})")
+        print(f"peak disk <= input + 2 windows: {'MET' if checks['disk'] else 'NOT MET'} "
+              f"({f['peak_disk_bytes'] / 1e9:.2f} GB <= {two:.2f} GB)")
     return {
         "config": {"grid": "N320", "fields": args.fields, "lead_time": args.lead_time, "steps": args.steps,
                    "windows": args.windows, "step_seconds": args.step_seconds, "upload_threads": args.upload_threads,
-                   "cpus": os.cpu_count(), "torch_threads": torch_threads(), "stock_emulator": args.stock_emulator},
+                   "grib_writers": args.grib_writers, "cpus": len(os.sched_getaffinity(0)),
+                   "torch_threads": torch_threads(), "stock_emulator": args.stock_emulator},
         "input_bytes": input_bytes,
         "window_bytes": window,
         "modes": {m: {k: v for k, v in f.items() if k != "objects"} for m, f in figures.items()},
         "same_output": same,
-        "target_ratio_met": ratio_met,
-        "target_disk_met": disk_met,
+        "targets_met": checks,
     }
 
 
 # -- main ----------------------------------------------------------------------------------------
 
+#: 102 fields a step (AIFS-ENS v1, the tiny model's bench set) or 120 (v2: three more pressure levels)
+EXTRA_LEVELS_FOR_120 = [10, 30, 70]
+
+
+def variable_sets(fields: int) -> tuple[list[str], list[str], list[str]]:
+    from aifs.testing.tiny_model import BENCH_CONSTANT, BENCH_DIAGNOSTIC, BENCH_PROGNOSTIC, PL_PARAMS
+
+    prognostic = list(BENCH_PROGNOSTIC)
+    if fields == 120:
+        prognostic += [f"{p}_{lev}" for p in PL_PARAMS for lev in EXTRA_LEVELS_FOR_120]
+    elif fields != 102:
+        raise SystemExit("--fields must be 102 or 120")
+    return prognostic, list(BENCH_CONSTANT), list(BENCH_DIAGNOSTIC)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--step-seconds", type=float, default=1.5, help="fixed time per model step (default %(default)s)")
+    p.add_argument("--fields", type=int, default=102, choices=[102, 120], help="output fields a step (default %(default)s)")
     p.add_argument("--lead-time", type=int, default=216, help="hours, 72 h a window (default %(default)s = 3 windows)")
-    p.add_argument("--upload-threads", type=int, default=5, help="upload threads, both modes (default %(default)s)")
+    p.add_argument("--modes", default="writers,in-process",
+                   help="comma-separated, first is the reference for the others: writers, in-process, serial "
+                   "(default %(default)s)")
+    p.add_argument("--grib-writers", type=int, default=None,
+                   help="writer processes for the writers mode (default: cores - 1, as the worker)")
+    p.add_argument("--upload-threads", type=int, default=5, help="upload threads, all modes (default %(default)s)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="CPU threads for the model's tensor work (default %(default)s). On a GPU host that work runs on "
                    "the GPU and leaves the CPU cores to GRIB writing and uploads; on this CPU-only stand-in it is held "
                    "to one core so the other cores play the same role")
+    p.add_argument("--target-ratio", type=float, default=None,
+                   help="wall/model target for the writers mode (default 1.05 at steps >= 2 s, else 1.10)")
+    p.add_argument("--matrix", action="store_true",
+                   help="216 h at 4 s and 1 s steps x 102 and 120 fields (writers vs in-process), then msg/s vs writers")
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT")
     p.add_argument("--stock-emulator", action="store_true",
                    help="run the stock gcp-storage-emulator (quadratic resumable uploads: ~150 s of its CPU a window)")
@@ -393,87 +471,151 @@ def parse_args(argv=None):
     return args
 
 
+class Bench:
+    """The emulator, the bucket and the input, shared by every configuration of one run."""
+
+    def __init__(self, args, work: Path):
+        self.args, self.work = args, work
+        self.emulator = None
+
+    def start(self):
+        from aifs.testing.emulator import StorageEmulator
+
+        phase(f"setup: GCS emulator in {self.work}")
+        if not self.args.stock_emulator:  # the stock emulator's resumable uploads are O(size^2): see _fast_emulator.py
+            import aifs.testing.emulator as emulator_module
+
+            emulator_module._executable = lambda: [sys.executable, str(Path(__file__).with_name("_fast_emulator.py"))]
+        self.emulator = StorageEmulator(log_path=str(self.work / "emulator.log")).start()
+        os.environ["STORAGE_EMULATOR_HOST"] = self.emulator.url  # before the worker's client exists
+        os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+        from aifs.worker.storage import make_client
+
+        self.bucket = make_client(None).create_bucket("bench-member-cycle")
+        self.cpu = CpuMeter(self.emulator.process.pid)
+        self.args.exclude_pids = {self.emulator.process.pid} | {
+            p.pid for p in psutil.Process(self.emulator.process.pid).children(recursive=True)}
+        return self
+
+    def stop(self):
+        if self.emulator is not None:
+            self.emulator.stop()
+
+    def configuration(self, step_seconds: float, fields: int, lead_time: int, modes: list[str]) -> dict:
+        """One checkpoint (step time and fields), one input, each mode in turn on the same model."""
+        from aifs.layout import input_object, parse_date, windows
+        from aifs.testing.synthetic import make_input_state, synthetic_input_seed
+        from aifs.testing.tiny_model import build_checkpoint
+        from aifs.worker.grib_writers import shutdown_pool, writers_setting
+        from aifs.worker.model import Model
+
+        args = argparse.Namespace(**vars(self.args))
+        args.step_seconds, args.fields, args.lead_time = step_seconds, fields, lead_time
+        args.grib_writers = writers_setting(args.grib_writers) or 1
+        if args.target_ratio is None:
+            args.target_ratio = 1.05 if step_seconds >= 2 else 1.10
+        tag = f"{fields}f-{step_seconds:g}s-{lead_time}h-{args.grib_writers}w"
+        work = self.work / tag
+        # one pair of dirs per mode: anemoi-inference refuses a GRIB path used before in the process
+        mode_dirs = {m: {"input": str(work / m / "input"), "output": str(work / m / "output")} for m in modes}
+        for dirs in mode_dirs.values():
+            for d in dirs.values():
+                os.makedirs(d, exist_ok=True)
+        phase(f"setup {tag}: tiny N320 checkpoint, {fields} fields, {step_seconds} s a step")
+        prognostic, constant, diagnostic = variable_sets(fields)
+        args.checkpoint_path = build_checkpoint(str(work / "tiny-n320.ckpt"), grid="N320", prognostic=prognostic,
+                                                constant=constant, diagnostic=diagnostic, step_seconds=step_seconds)
+        when = parse_date(DATE)
+        input_state = make_input_state(args.checkpoint_path, when, seed=synthetic_input_seed(when, MEMBER))
+        data = pickle.dumps(input_state, protocol=pickle.HIGHEST_PROTOCOL)
+        input_bytes = len(data)
+        self.bucket.blob(input_object(DATE, MEMBER)).upload_from_string(data, checksum="crc32c")
+        del data
+        phase(f"setup {tag}: load the model once (shared by every mode), warm up with one step")
+        model = Model(args.checkpoint_path, "cpu", None, None)
+        meter = ForecastMeter(model)
+        warm_up(model, mode_dirs[modes[-1]], input_state)
+        del input_state
+        assert len(model.spec.output_variables) == fields, (len(model.spec.output_variables), fields)
+        args.steps = int(dt.timedelta(hours=lead_time) / model.spec.timestep)
+        args.windows = len(windows(lead_time))
+        if "writers" in modes:  # the pool starts once per worker process: not part of a member's time
+            from aifs.worker.grib_writers import get_pool
+
+            pool = get_pool(args.grib_writers, str(model.runner.checkpoint.path))
+            deadline = time.monotonic() + 300
+            while pool.ready < pool.n and time.monotonic() < deadline:
+                time.sleep(0.1)
+        figures = {}
+        try:
+            for mode in modes:
+                phase(f"{tag} {mode}: one member, {args.steps} steps, {args.windows} windows")
+                before = self.cpu.snapshot()
+                if mode == "serial":
+                    figures[mode] = run_baseline(args, model, meter, self.bucket, mode_dirs[mode])
+                else:
+                    writers = args.grib_writers if mode == "writers" else 0
+                    figures[mode] = run_streaming(args, model, meter, self.bucket, mode_dirs[mode], writers)
+                after = self.cpu.snapshot()
+                figures[mode]["cpu_s"] = after[0] - before[0]
+                figures[mode]["emulator_cpu_s"] = after[1] - before[1]
+                f = figures[mode]
+                phase(f"{tag} {mode}: done, wall {f['wall_s']:.1f} s, model {f['model_s']:.1f} s, "
+                      f"peak disk {f['peak_disk_bytes'] / 1e9:.2f} GB, peak memory {f['peak_memory_bytes'] / 1e9:.2f} GB")
+                for blob in self.bucket.list_blobs(prefix=f"{DATE}/"):  # free the emulator's memory between modes
+                    if not blob.name.startswith(f"{DATE}/input/"):
+                        blob.delete()
+        finally:
+            shutdown_pool()
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return report(args, figures, input_bytes, reference=modes[-1] if "in-process" not in modes else "in-process")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging()
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    from aifs.layout import input_object, windows
-    from aifs.testing.emulator import StorageEmulator
-    from aifs.testing.synthetic import make_input_state, synthetic_input_seed
-    from aifs.testing.tiny_model import BENCH_CONSTANT, BENCH_DIAGNOSTIC, BENCH_PROGNOSTIC, build_checkpoint
-    from aifs.layout import parse_date
-
     work = REPO / ".bench" / f"member_cycle-{os.getpid()}"
-    # one pair of dirs per mode: anemoi-inference refuses a GRIB path used before in the process
-    mode_dirs = {m: {"input": str(work / m / "input"), "output": str(work / m / "output")} for m in ("streaming", "baseline")}
-    for dirs in mode_dirs.values():
-        for d in dirs.values():
-            os.makedirs(d, exist_ok=True)
-    emulator = None
+    os.makedirs(work, exist_ok=True)
+    bench = Bench(args, work)
+    results = []
     try:
-        phase(f"setup: tiny N320 checkpoint ({args.step_seconds} s a step) and GCS emulator in {work}")
-        args.checkpoint_path = build_checkpoint(str(work / "tiny-n320.ckpt"), grid="N320", prognostic=BENCH_PROGNOSTIC,
-                                                constant=BENCH_CONSTANT, diagnostic=BENCH_DIAGNOSTIC,
-                                                step_seconds=args.step_seconds)
-        if not args.stock_emulator:  # the stock emulator's resumable uploads are O(size^2): see _fast_emulator.py
-            import aifs.testing.emulator as emulator_module
-
-            emulator_module._executable = lambda: [sys.executable, str(Path(__file__).with_name("_fast_emulator.py"))]
-        emulator = StorageEmulator(log_path=str(work / "emulator.log")).start()
-        os.environ["STORAGE_EMULATOR_HOST"] = emulator.url  # before the worker's client exists
-        os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
-        from aifs.worker.storage import make_client
-
-        bucket = make_client(None).create_bucket("bench-member-cycle")
-
-        phase("setup: synthetic input state, uploaded to the emulator")
-        when = parse_date(DATE)
-        input_state = make_input_state(args.checkpoint_path, when, seed=synthetic_input_seed(when, MEMBER))
-        data = pickle.dumps(input_state, protocol=pickle.HIGHEST_PROTOCOL)
-        input_bytes = len(data)
-        bucket.blob(input_object(DATE, MEMBER)).upload_from_string(data, checksum="crc32c")
-        del data
-        print(f"[{elapsed()}]    input gs://{bucket.name}/{input_object(DATE, MEMBER)}: {input_bytes / 1e6:.0f} MB")
-
-        phase("setup: load the model once (shared by both modes), warm up with one step")
-        from aifs.worker.model import Model
-
-        model = Model(args.checkpoint_path, "cpu", None, None)
-        meter = ForecastMeter(model)
-        warm_up(model, mode_dirs["baseline"], input_state)
-        del input_state
-        args.fields = len(model.spec.output_variables)
-        args.steps = int(dt.timedelta(hours=args.lead_time) / model.spec.timestep)
-        args.windows = len(windows(args.lead_time))
-        cpu = CpuMeter(emulator.process.pid)
-
-        figures = {}
-        for mode, runner in (("streaming", run_streaming), ("baseline", run_baseline)):
-            phase(f"{mode}: one member, {args.steps} steps, {args.windows} windows")
-            before = cpu.snapshot()
-            figures[mode] = runner(args, model, meter, bucket, mode_dirs[mode])
-            after = cpu.snapshot()
-            figures[mode]["cpu_s"] = after[0] - before[0]
-            figures[mode]["emulator_cpu_s"] = after[1] - before[1]
-            f = figures[mode]
-            phase(f"{mode}: done, wall {f['wall_s']:.1f} s, model {f['model_s']:.1f} s, "
-                  f"peak disk {f['peak_disk_bytes'] / 1e9:.2f} GB")
-            for blob in bucket.list_blobs(prefix=f"{DATE}/"):  # free the emulator's memory between modes
-                if not blob.name.startswith(f"{DATE}/input/"):
-                    blob.delete()
-
-        phase("report")
-        out = report(args, figures, input_bytes)
+        bench.start()
+        if args.matrix:
+            for step_seconds in (4.0, 1.0):
+                for fields in (102, 120):
+                    results.append(bench.configuration(step_seconds, fields, 216, ["writers", "in-process"]))
+            phase("GRIB messages/s against the number of writers (120 fields, 0.25 s step, 72 h)")
+            cores = len(os.sched_getaffinity(0))
+            for writers in sorted({1, max(1, cores - 1), cores}):
+                bench.args.grib_writers = writers
+                results.append(bench.configuration(0.25, 120, 72, ["writers"]))
+            bench.args.grib_writers = None
+            print()
+            print("summary (wall/model; GRIB messages/s; peak memory GB; peak disk GB):")
+            for r in results:
+                c = r["config"]
+                for mode, f in r["modes"].items():
+                    name = f"writers x{c['grib_writers']}" if mode == "writers" else mode
+                    print(f"  {c['lead_time']} h, {c['step_seconds']:g} s step, {c['fields']} fields, {name:<12}: "
+                          f"{f['ratio']:.3f}; {f['msg_per_s']:.1f} msg/s; {f['peak_memory_bytes'] / 1e9:.2f} GB; "
+                          f"{f['peak_disk_bytes'] / 1e9:.2f} GB")
+        else:
+            modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+            unknown = set(modes) - {"writers", "in-process", "serial"}
+            if unknown:
+                raise SystemExit(f"unknown modes: {', '.join(sorted(unknown))}")
+            results.append(bench.configuration(args.step_seconds, args.fields, args.lead_time, modes))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
+                json.dump(results if args.matrix else results[0], f, indent=2)
             print(f"figures written to {args.json}")
         return 0
     finally:
-        if emulator is not None:
-            emulator.stop()
+        bench.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
             try:

@@ -1,53 +1,59 @@
 """AIFS-ENS ensemble forecast: one date, members one at a time on a GPU host, verified.
 
-    check_params -> wait_for_inputs -> plan -> create_host -> run_member x N -> delete_host -> verify
+    check_params -> plan -> wait_for_inputs -> create_host -> run_member x N -> delete_host -> verify
                                                  (setup)     (one at a time)   (teardown)
 
-* **check_params** fails the run before any host exists when a param is wrong, saying why.
-* **wait_for_inputs** waits (deferred, off any worker slot) for the members' input pickles.
-* **plan** picks the members without a completion manifest: finished members never run twice,
-  so rerunning a whole date only costs what is missing.
-* **create_host** makes the GPU host (backend param: local, ssh, gce, gke). Skipped when nothing
-  is planned. If it fails half-way it deletes what it made, since Airflow skips the teardown then.
+* **check_params** fails the run before any host exists when a param is wrong or the conf names
+  a deployment setting (backend, host settings, connections: an admin's, not a trigger's), saying why.
+* **wait_for_inputs** waits (deferred, off any worker slot) for the planned members' input pickles
+  only: a finished date whose inputs are gone reruns to its verify at once.
+* **plan** picks the members not complete for this run (aifs.completeness: a manifest matching the
+  run's lead time, checkpoint and windows, every object verifying): complete members never run
+  twice, so rerunning a whole date only costs what is missing, and a member left by another run
+  (a smoke test's shorter lead time) or with a damaged object is redone.
+* **create_host** makes the GPU host (AIFS_ENS_BACKEND: local, ssh, gce, gke). Skipped when nothing
+  is planned. A failed try leaves what it made for the next try to adopt (creation is idempotent
+  by name); the last try deletes it, since Airflow skips the teardown when its setup failed.
 * **run_member** runs ``python -m aifs.worker`` for one member on that host, streaming its log.
   Mapped over the planned members, one at a time; the worker's exit code decides between
-  retrying (transient) and failing at once (bad input, full disk, unloadable checkpoint).
-* **delete_host** removes the host, also when members failed or the run was marked failed.
-* **verify** reads the bucket back: each member's manifest and every object's crc32c. It logs the
+  retrying (transient) and failing at once (bad input, full disk, unloadable checkpoint: then
+  the run's other members do not start). An operator, so that killing it (timeout, mark failed,
+  clear) stops its job or pod; the job's own deadline (AIFS_ENS_MEMBER_TIMEOUT_MIN from its
+  launch) is enforced on the host, and no job starts while another of any run holds the GPU.
+* **delete_host** removes the host, also when members failed or the run was marked failed; it
+  retries with backoff, and a host already gone is success. The summary names a host left behind.
+* **verify** reads the bucket back with plan's definition of complete: each member's manifest
+  against the run, each window's message count, every object's crc32c. It logs the
   run summary, fails listing what is missing and how to rerun it, and on success emits the
   ``aifs_ens_forecasts`` asset (extra: bucket, date, prefix) for downstream DAGs.
 
 Clearing one ``run_member`` index reruns that member alone, with its own setup and teardown.
 Failures alert through the ``aifs_alerts`` connection or Variable (see aifs.orchestration.alerts).
-Deployment settings (schedule, cycle hour, retries) come from AIFS_ENS_* environment variables
-(see aifs.orchestration.deployment). This file imports neither torch nor anemoi.
+Deployment settings (schedule, cycle hour, retries, backend and host, allowed buckets and
+checkpoints) come from AIFS_ENS_* environment variables (see aifs.orchestration.deployment). This file imports neither torch nor anemoi.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, setup, task, teardown
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from aifs.members import format_members, member_label
 from aifs.orchestration.alerts import FINDINGS_KEY, run_failure_alert, task_failure_alert
 from aifs.orchestration.deployment import DeploymentSettings
-from aifs.orchestration.params import DAG_ID, BadParams, param_specs, resolve_run_config, with_defaults
+from aifs.orchestration.member_task import MemberFailed, task_timeout  # noqa: F401 - MemberFailed: tests and alerts name it
+from aifs.orchestration.params import DAG_ID, BadParams, resolve_run_config
+from aifs.orchestration.retrying import DELETE_HOST_RETRIES, STORAGE_TASK_RETRIES
 from aifs.orchestration.sensors import WaitForInputsSensor
 
 log = logging.getLogger(__name__)
-worker_log = logging.getLogger("aifs.worker")
 
 DEPLOYMENT = DeploymentSettings.from_env()
 
 #: Emitted once a date's members all verify; its event's extra says where they are.
 FORECASTS = Asset(name="aifs_ens_forecasts", uri="aifs://aifs-ens/forecasts")
-
-
-class MemberFailed(AirflowException):
-    """A member failed in a way a retry may fix; Airflow retries it with backoff."""
 
 
 def _run_info(config: dict):
@@ -57,9 +63,36 @@ def _run_info(config: dict):
 
 
 def _backend(config: dict):
-    from aifs.orchestration.backends.base import get_backend
+    """The deployment's backend, built when a task runs: its settings never travel in XCom or task arguments."""
+    if config["backend"] != DEPLOYMENT.backend:
+        raise AirflowFailException(
+            f"this run was checked for the {config['backend']} backend, but the deployment now says "
+            f"AIFS_ENS_BACKEND={DEPLOYMENT.backend}: trigger a new run"
+        )
+    return DEPLOYMENT.get_backend()
 
-    return get_backend(config["backend"], config["host"])
+
+def _member_operator():
+    """run_member's operator for the deployment's backend: on_kill stops the member's job or pod.
+
+    On gke it is the provider's pod operator (its kill and re-attach); elsewhere our operator,
+    whose on_kill reaches the backend's stop_member. Both take the backend from _backend(config).
+    """
+    if DEPLOYMENT.backend == "gke":
+        from aifs.orchestration.member_task import gke_run_member_operator_class
+
+        base = gke_run_member_operator_class()
+    else:
+        from aifs.orchestration.member_task import RunMemberOperator as base
+
+    class RunMember(base):
+        def make_backend(self, config=None):
+            return DEPLOYMENT.get_backend() if config is None else _backend(config)
+
+        def make_run(self, config):
+            return _run_info(config)
+
+    return RunMember
 
 
 @dag(
@@ -68,7 +101,7 @@ def _backend(config: dict):
     start_date=DEPLOYMENT.start_date,
     catchup=DEPLOYMENT.catchup,
     max_active_runs=DEPLOYMENT.max_active_runs,
-    params={name: Param(**spec) for name, spec in with_defaults(param_specs(), DEPLOYMENT.param_defaults).items()},
+    params={name: Param(**spec) for name, spec in DEPLOYMENT.param_specs.items()},
     default_args={"retries": 0, "on_failure_callback": task_failure_alert},
     on_failure_callback=run_failure_alert,
     doc_md=__doc__,
@@ -82,6 +115,7 @@ def aifs_ens_forecast():
         try:
             config = resolve_run_config(
                 dict(context["params"]),
+                deployment=DEPLOYMENT,
                 dag_id=dag_run.dag_id,
                 run_id=dag_run.run_id,
                 logical_date=dag_run.logical_date,
@@ -89,89 +123,76 @@ def aifs_ens_forecast():
             )
         except BadParams as exc:
             raise AirflowFailException(f"{exc}\nNo host was created. Fix the params and trigger the run again.") from None
-        if DEPLOYMENT.parallel_members > 1 and config["backend"] != "gke":
-            raise AirflowFailException(
-                f"AIFS_ENS_PARALLEL_MEMBERS={DEPLOYMENT.parallel_members} needs the gke backend (one GPU pod per member); "
-                f"a {config['backend']} host has one GPU, so its members must run one at a time. No host was created."
-            )
         log.info("forecast date %s, members %s, backend %s, bucket %s", config["date"], config["members_text"], config["backend"], config["bucket"])
         return config
 
-    @task
+    # a bucket hiccup that outlasts the storage layer's own retries is retried by the task
+    @task(retries=STORAGE_TASK_RETRIES, retry_delay=DEPLOYMENT.retry_delay, retry_exponential_backoff=True)
     def plan(config: dict) -> list[int]:
-        from aifs.orchestration.plan import finished_members, members_to_run
+        from aifs.orchestration.plan import plan_members, run_spec
         from aifs.orchestration.storage import storage_client
 
-        finished = finished_members(storage_client(config["gcp_conn_id"]), config["bucket"], config["date"], config["members"])
-        todo = members_to_run(config["members"], finished)
+        found = plan_members(storage_client(config["gcp_conn_id"]), config["bucket"], run_spec(config), config["members"])
+        for state in found.redo:  # the worker withdraws these manifests before redoing the member
+            log.info("%s will be redone: %s", member_label(state.member), "; ".join(state.problems))
         log.info(
-            "members to run: %s; already finished (manifest present, skipped): %s",
-            format_members(todo) or "none",
-            format_members(finished) or "none",
+            "members to run: %s; already complete for this run (skipped): %s",
+            format_members(found.todo) or "none",
+            format_members(found.finished) or "none",
         )
-        return todo
+        return found.todo
 
     @setup
     @task(retries=DEPLOYMENT.host_retries, retry_delay=DEPLOYMENT.retry_delay, retry_exponential_backoff=True)
     def create_host(config: dict, planned: list[int]) -> dict:
         if not planned:
             raise AirflowSkipException("every selected member is finished: no host needed")
+        from aifs.orchestration.retrying import will_retry
+        from aifs.orchestration.summary import HOST_LEFT_KEY, half_made_host
+
+        ti = get_current_context()["ti"]
         backend, run = _backend(config), _run_info(config)
         try:
             return backend.create_host(run, log.info)
-        except BaseException:
+        except BaseException as exc:
+            if will_retry(exc, ti.try_number, ti.max_tries):
+                # creation is idempotent by name: the next try adopts this host (a slow first boot
+                # then costs one boot, not one per try)
+                log.exception("creating the host failed on try %s of %s; the next try adopts what was made",
+                              ti.try_number, ti.max_tries + 1)
+                raise
             # Airflow skips a teardown whose setup failed, so a half-made host is ours to remove.
-            log.exception("creating the host failed; deleting whatever was made")
+            log.exception("creating the host failed on its last try; deleting whatever was made")
             try:
                 backend.delete_host(run, log.info)
-            except Exception:
-                log.exception("deleting the half-made host failed too; check the backend's console")
+            except Exception as cleanup_error:
+                log.exception("deleting the half-made host failed too; the run summary names it")
+                ti.xcom_push(key=HOST_LEFT_KEY, value=half_made_host(config["backend"], backend, run, cleanup_error))
             raise
-
-    @task(
-        max_active_tis_per_dagrun=DEPLOYMENT.parallel_members,  # 1: one GPU host, one member at a time
-        retries=DEPLOYMENT.member_retries,
-        retry_delay=DEPLOYMENT.retry_delay,
-        retry_exponential_backoff=True,
-        execution_timeout=DEPLOYMENT.member_timeout,
-        map_index_template="{{ 'member %03d' % task.op_kwargs['member'] }}",
-    )
-    def run_member(config: dict, member: int) -> dict:
-        from aifs.orchestration.outcomes import classify
-        from aifs.orchestration.params import worker_settings_from_config
-        from aifs.orchestration.summary import OUTCOME_KEY, outcome_record
-
-        ti = get_current_context()["ti"]
-        started = time.monotonic()
-        log.info("%s of %s on backend %s, try %s", member_label(member), config["date"], config["backend"], ti.try_number)
-        try:
-            exit_code = _backend(config).run_member(_run_info(config), member, worker_settings_from_config(config), worker_log.info)
-        except Exception:
-            # the backend itself failed (host unreachable...): worth a retry
-            ti.xcom_push(key=OUTCOME_KEY, value=outcome_record(member, -1, "BACKEND_ERROR", time.monotonic() - started, ti.try_number))
-            raise
-        outcome = classify(member, exit_code)
-        record = outcome_record(member, exit_code, outcome.name, time.monotonic() - started, ti.try_number)
-        ti.xcom_push(key=OUTCOME_KEY, value=record)
-        if outcome.ok:
-            log.info("%s done in %.1f minutes", member_label(member), record["minutes"])
-            return record
-        if outcome.retryable:
-            raise MemberFailed(outcome.message)
-        raise AirflowFailException(outcome.message)
 
     @teardown
-    @task
+    @task(retries=DELETE_HOST_RETRIES, retry_delay=DEPLOYMENT.retry_delay, retry_exponential_backoff=True)
     def delete_host(config: dict, host: dict) -> dict:
+        # every backend's delete_host takes "already gone" as success, so a retry after a try that
+        # deleted the host but lost the answer succeeds
         _backend(config).delete_host(_run_info(config), log.info)
         return {"deleted": True}
 
-    @task(trigger_rule=TriggerRule.ALL_DONE, outlets=[FORECASTS], on_failure_callback=None)  # the run alert covers it
+    @task(
+        trigger_rule=TriggerRule.ALL_DONE,
+        outlets=[FORECASTS],
+        on_failure_callback=None,  # the run alert covers it
+        retries=STORAGE_TASK_RETRIES,  # findings fail at once (AirflowFailException); storage errors retry
+        retry_delay=DEPLOYMENT.retry_delay,
+        retry_exponential_backoff=True,
+    )
     def verify() -> dict:
         from aifs.orchestration.outcomes import rerun_instructions
         from aifs.orchestration.storage import storage_client
-        from aifs.orchestration.summary import OUTCOME_KEY, format_summary, member_states, normalise_outcomes
-        from aifs.orchestration.verify import verify_members
+        from aifs.orchestration.summary import (
+            HOST_LEFT_KEY, OUTCOME_KEY, format_summary, host_left_behind, member_states, normalise_outcomes,
+        )
+        from aifs.orchestration.verify import verify_run
 
         context = get_current_context()
         ti = context["ti"]
@@ -181,17 +202,20 @@ def aifs_ens_forecast():
         planned = ti.xcom_pull(task_ids="plan")
         outcomes = normalise_outcomes(ti.xcom_pull(task_ids="run_member", key=OUTCOME_KEY))
 
-        host_left = ti.xcom_pull(task_ids="create_host") is not None and ti.xcom_pull(task_ids="delete_host") is None
-        report = verify_members(storage_client(config["gcp_conn_id"]), config["bucket"], config["date"], config["members"])
+        host_left = host_left_behind(
+            config["backend"],
+            ti.xcom_pull(task_ids="create_host"),
+            ti.xcom_pull(task_ids="delete_host"),
+            ti.xcom_pull(task_ids="create_host", key=HOST_LEFT_KEY),
+        )
+        report = verify_run(storage_client(config["gcp_conn_id"]), config)
         rows = member_states(config["members"], planned, outcomes, set(report.bad_members))
-        log.info("\n%s", format_summary(config["date"], config["bucket"], rows))
+        log.info("\n%s", format_summary(config["date"], config["bucket"], rows, host_left))
 
         if host_left:
             # a teardown's failure does not fail the run by itself; a host left running costs money
-            raise AirflowFailException(
-                f"delete_host did not finish: the {config['backend']} host of this run may still exist; "
-                "check delete_host's log, remove the host by hand or clear delete_host"
-            )
+            ti.xcom_push(key=FINDINGS_KEY, value=host_left)  # for the run-failure alert
+            raise AirflowFailException(host_left)
         if not report.ok:
             bad = report.bad_members
             failed = [(m, planned.index(m) if planned and m in planned else None) for m in bad]
@@ -214,13 +238,24 @@ def aifs_ens_forecast():
         return extra
 
     config = check_params()
-    wait_for_inputs = WaitForInputsSensor(task_id="wait_for_inputs", config=config)
     planned = plan(config)
+    # only the planned members' inputs: a finished member needs none (its inputs may be long gone)
+    wait_for_inputs = WaitForInputsSensor(task_id="wait_for_inputs", config=config, members=planned)
     host = create_host(config, planned)
-    members = run_member.partial(config=config).expand(member=planned)
+    members = _member_operator().partial(
+        task_id="run_member",
+        config=config,
+        member_timeout_s=DEPLOYMENT.member_timeout.total_seconds(),  # the job's deadline, from its launch, on the host
+        max_active_tis_per_dagrun=DEPLOYMENT.parallel_members,  # 1: one GPU host, one member at a time
+        retries=DEPLOYMENT.member_retries,
+        retry_delay=DEPLOYMENT.retry_delay,
+        retry_exponential_backoff=True,
+        execution_timeout=task_timeout(DEPLOYMENT.member_timeout),
+        map_index_template="{{ 'member %03d' % task.member }}",
+    ).expand(member=planned)
     removed = delete_host(config, host)
 
-    wait_for_inputs >> planned
+    wait_for_inputs >> host
     host >> members >> removed
     removed.as_teardown(setups=host)
     removed >> verify()

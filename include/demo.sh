@@ -3,7 +3,8 @@
 #
 #   1. a GCS emulator on loopback (objects kept in .demo/gcs so you can look at them afterwards);
 #   2. a tiny stand-in for AIFS-ENS (O48 grid) and synthetic input states for 3 members;
-#   3. `airflow dags test aifs_ens_forecast` with the local backend: the real DAG, the real worker
+#   3. `airflow dags test aifs_ens_forecast` with the local backend (set as the deployment's, by
+#      AIFS_ENS_* variables; the run's conf holds only a forecaster's params): the real DAG, the real worker
 #      (python -m aifs.worker in its own environment), one member after another;
 #   4. where the forecasts are, and the run summary.
 #
@@ -39,6 +40,12 @@ export AIRFLOW__CORE__DAGS_FOLDER="$REPO/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$REPO/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIFS_WORKER_PYTHON AIFS_ENS_SCHEDULE=none
+# The deployment (an admin's settings, not the trigger's): the local backend on CPU with the demo's
+# scratch dir, and the one bucket and checkpoint a trigger may choose.
+export AIFS_ENS_BACKEND=local
+export AIFS_ENS_HOST="{\"scratch_dir\": \"$DEMO/scratch\", \"device\": \"cpu\", \"min_free_gb\": 0}"
+export AIFS_ENS_BUCKETS="$BUCKET"
+export AIFS_ENS_CHECKPOINTS="{\"$DEMO/tiny-o48.ckpt\": {\"identity\": null}}"
 
 say "starting the GCS emulator on $STORAGE_EMULATOR_HOST"
 answers() { "$AIFS_WORKER_PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/storage/v1/b?project=demo', timeout=1)" "$STORAGE_EMULATOR_HOST" 2>/dev/null; }
@@ -64,7 +71,6 @@ say "creating Airflow's database in $AIRFLOW_HOME"
 
 CONF=$(cat <<EOF
 {"members": "$MEMBERS", "bucket": "$BUCKET", "checkpoint": "$DEMO/tiny-o48.ckpt", "lead_time": $LEAD_TIME,
- "backend": "local", "host": {"scratch_dir": "$DEMO/scratch", "device": "cpu", "min_free_gb": 0},
  "input_wait_minutes": 1, "input_poke_seconds": 5}
 EOF
 )

@@ -19,7 +19,7 @@ class ExitCode(enum.IntEnum):
     INFERENCE_FAILED = 12  # the model or the GRIB writer failed
     UPLOAD_FAILED = 13  # the bucket refused or lost an upload, or a checksum did not match
     OUT_OF_DISK = 14  # not enough local disk for one input plus two windows
-    CHECKPOINT_FAILED = 15  # the checkpoint could not be loaded (affects every member)
+    CHECKPOINT_FAILED = 15  # the checkpoint could not be loaded or is not the one the run expects (affects every member)
     DOWNLOAD_FAILED = 16  # the bucket did not deliver the input (connection, checksum)
 
     @property
@@ -46,7 +46,7 @@ _DESCRIPTIONS = {
     ExitCode.INFERENCE_FAILED: "inference or GRIB writing failed",
     ExitCode.UPLOAD_FAILED: "upload to the bucket failed or did not verify",
     ExitCode.OUT_OF_DISK: "not enough local disk",
-    ExitCode.CHECKPOINT_FAILED: "checkpoint could not be loaded",
+    ExitCode.CHECKPOINT_FAILED: "checkpoint could not be loaded, or its identity is not the expected one",
     ExitCode.DOWNLOAD_FAILED: "download of the input from the bucket failed or did not verify",
 }
 

@@ -64,6 +64,11 @@ def forecast_object(date: str, member: int, start: int, end: int) -> str:
     return forecast_prefix(date) + forecast_filename(date, member, start, end)
 
 
+def member_forecast_prefix(date: str, member: int) -> str:
+    """Prefix of every forecast object of one member of one date (one listing finds them all)."""
+    return forecast_prefix(date) + f"aifs_ens_forecast_{date}_member{member:03d}_h"
+
+
 def member_grib_glob(member: int) -> str:
     """Glob matching every local GRIB of one member (any date), for cleanup sweeps."""
     return f"aifs_ens_forecast_*_member{member:03d}_h*.grib"

@@ -1,8 +1,13 @@
-"""The per-member completion manifest: written last by the worker, read by the DAG's verify task.
+"""The per-member completion manifest: written last by the worker, read by plan, the worker's skip and verify.
 
-A member is complete when, and only when, its manifest exists in the bucket and every object
-it lists is there with the recorded size and crc32c. The manifest lives outside the ``*.grib``
+What makes a member complete for a run (its manifest matches the run and every object it lists
+verifies) is defined once, in aifs.completeness. The manifest lives outside the ``*.grib``
 names (see layout.manifest_object) so nothing that globs GRIB files ever mistakes it for data.
+
+Schema 2 added what "complete for this run" needs: the checkpoint's identity (its content, not
+its name), the model's time step and each window's output field count (so a window's message
+count can be checked against steps x fields). Schema 1 manifests still read, with those left
+empty, and aifs.completeness finds them not complete: the member is redone once.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import dataclasses
 import json
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schemas this reader accepts; older ones read with the newer fields empty (never complete).
+READABLE_SCHEMAS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -21,6 +28,7 @@ class ManifestObject:
     crc32c: str  # base64, as google-cloud-storage reports Blob.crc32c
     window: tuple[int, int]  # (start, end] hours
     messages: int  # GRIB messages in the file
+    fields: int = 0  # output fields a step written to the window (0: not recorded, schema 1)
 
 
 @dataclasses.dataclass
@@ -31,6 +39,9 @@ class Manifest:
     lead_time: int
     checkpoint: str
     objects: list[ManifestObject]
+    #: what the checkpoint was, by content: "sha256:<hex>" of the file or "hf:<revision>" ("" in schema 1)
+    checkpoint_identity: str = ""
+    step_hours: int = 0  # the model's time step (0: not recorded, schema 1)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     host: str = ""
@@ -42,8 +53,9 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes) -> "Manifest":
         data: dict[str, Any] = json.loads(text)
-        if data.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"unsupported manifest schema {data.get('schema')!r}")
+        schema = data.get("schema")
+        if type(schema) is not int or schema not in READABLE_SCHEMAS:
+            raise ValueError(f"unsupported manifest schema {schema!r}")
         data["objects"] = [ManifestObject(**{**o, "window": tuple(o["window"])}) for o in data["objects"]]
         return cls(**data)
 

@@ -48,7 +48,26 @@ def airflow_env(home: Path) -> dict[str, str]:
     }
 
 
+#: Buckets a test may use: the deployment allows only listed buckets, so tests draw from this list.
+TEST_BUCKETS = [f"aifs-test-{i:03d}" for i in range(200)]
+#: Checkpoints a test may name: the deployment allows only listed ones (the tiny model, and a name
+#: for runs that never load one).
+TEST_CHECKPOINTS = {str(AIRFLOW_HOME / "tiny-o48.ckpt"): {"identity": None}, "tiny.ckpt": {"identity": None}}
+
+
+def deployment_lists() -> dict[str, str]:
+    """The deployment's allowed buckets and checkpoints for every DAG parsed by the tests (scheduler stacks too)."""
+    return {"AIFS_ENS_BUCKETS": json.dumps(TEST_BUCKETS), "AIFS_ENS_CHECKPOINTS": json.dumps(TEST_CHECKPOINTS)}
+
+
+def local_deployment(scratch: Path, **host) -> dict[str, str]:
+    """An admin's settings for a test deployment: the local backend on CPU, with its scratch dir."""
+    settings = {"scratch_dir": str(scratch), "device": "cpu", "min_free_gb": 0, **host}
+    return {"AIFS_ENS_BACKEND": "local", "AIFS_ENS_HOST": json.dumps(settings)}
+
+
 os.environ.update(airflow_env(AIRFLOW_HOME))
+os.environ.update(deployment_lists())
 if str(PLUGINS) not in sys.path:
     sys.path.insert(0, str(PLUGINS))
 
@@ -70,18 +89,38 @@ def airflow_db():
     return AIRFLOW_HOME
 
 
-@pytest.fixture
-def dag(airflow_db):
-    """The DAG as Airflow loads it from the DAGs folder, fresh for each test.
-
-    Fresh because tasks run by dag.test() in this process write the run's conf into the DAG
-    object's params, and a later dag.test() would inherit them (a real task process parses anew).
-    """
+def load_dag():
+    """Parse the DAG file as Airflow does, under the deployment settings now in os.environ."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(DAG_FILE))
     assert not bag.import_errors, bag.import_errors
     return bag.get_dag("aifs_ens_forecast")
+
+
+@pytest.fixture
+def scratch(tmp_path) -> Path:
+    """The test deployment's host: the local backend keeps a run's files here (absent until a host is made)."""
+    return tmp_path / "scratch"
+
+
+@pytest.fixture
+def deployment(monkeypatch, scratch) -> dict[str, str]:
+    """The admin's settings of this test's deployment (backend, host), as environment variables."""
+    env = local_deployment(scratch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def dag(airflow_db, deployment):
+    """The DAG as Airflow loads it from the DAGs folder, fresh for each test, under ``deployment``.
+
+    Fresh because tasks run by dag.test() in this process write the run's conf into the DAG
+    object's params, and a later dag.test() would inherit them (a real task process parses anew).
+    """
+    return load_dag()
 
 
 # -- storage ----------------------------------------------------------------------------------
@@ -106,14 +145,13 @@ def gcs(emulator):
     return storage_client()
 
 
-_bucket_counter = iter(range(10_000))
+_bucket_counter = iter(TEST_BUCKETS)
 
 
 @pytest.fixture
 def bucket(gcs):
-    """A fresh, empty bucket for one test."""
-    name = f"aifs-test-{os.getpid()}-{next(_bucket_counter)}"
-    return gcs.create_bucket(name).name
+    """A fresh, empty bucket for one test (one the test deployment allows)."""
+    return gcs.create_bucket(next(_bucket_counter)).name
 
 
 # -- worker -----------------------------------------------------------------------------------
@@ -211,16 +249,14 @@ def alert_sink(monkeypatch):
 FORECAST_DAY = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
 
 
-def run_conf(bucket: str, checkpoint: str, scratch: Path, **overrides) -> dict:
-    """Params for a fast CPU run of the tiny model with the local backend."""
+def run_conf(bucket: str, checkpoint: str, **overrides) -> dict:
+    """A forecaster's params for a fast CPU run of the tiny model (backend and host: ``deployment``)."""
     conf = {
         "members": "1-3",
         "bucket": bucket,
         "checkpoint": checkpoint,
         "lead_time": 144,
         "upload_threads": 2,
-        "backend": "local",
-        "host": {"scratch_dir": str(scratch), "device": "cpu", "min_free_gb": 0},
         "input_wait_minutes": 0.2,
         "input_poke_seconds": 1,
     }

@@ -1,8 +1,8 @@
 """Backfilling a range of dates under a real scheduler: each date is its own run, with its own host.
 
-The deployment here is what a Composer environment would set: a daily schedule and its param
-defaults in AIFS_ENS_PARAM_DEFAULTS, so backfill runs carry no conf of their own and take their
-forecast date from their logical date. Unpausing the DAG also lets the scheduler create the
+The deployment here is what a Composer environment would set: a daily schedule, its backend and
+host, and its param defaults in AIFS_ENS_PARAM_DEFAULTS, so backfill runs carry no conf of their
+own and take their forecast date from their logical date. Unpausing the DAG also lets the scheduler create the
 latest daily run; it finds no inputs for that date and fails at wait_for_inputs, before any host,
 which this test checks too.
 """
@@ -13,6 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from conftest import local_deployment
 from test_scheduler import DAG_ID, Airflow
 
 from aifs import layout
@@ -40,7 +41,6 @@ def test_backfill_runs_each_date_with_its_own_host(emulator, worker_python, gcs,
         seed(bucket, date, "1")
     defaults = {
         "members": "1", "bucket": bucket, "checkpoint": tiny_checkpoint, "lead_time": 12, "upload_threads": 2,
-        "backend": "local", "host": {"scratch_dir": str(tmp_path), "device": "cpu", "min_free_gb": 0},
         "input_wait_minutes": 0.2, "input_poke_seconds": 1,
     }
     home = Path(tempfile.mkdtemp(prefix="aifs-backfill-test-"))
@@ -50,6 +50,7 @@ def test_backfill_runs_each_date_with_its_own_host(emulator, worker_python, gcs,
         "AIFS_ENS_SCHEDULE": "0 0 * * *",
         "AIFS_ENS_START_DATE": "2025-06-01",
         "AIFS_ENS_PARAM_DEFAULTS": json.dumps(defaults),
+        **local_deployment(tmp_path),
     })
     try:
         airflow = stack.start()

@@ -57,7 +57,7 @@ class Hostile:
 
 
 def test_a_date_fails_on_a_broken_member_then_completes_and_reruns_nothing(
-    dag, gcs, bucket, seed, tiny_checkpoint, tmp_path, alert_sink
+    dag, gcs, bucket, seed, tiny_checkpoint, tmp_path, scratch, alert_sink
 ):
     """One date through three runs, as an operator lives it (one scenario keeps the worker runs few).
 
@@ -70,8 +70,7 @@ def test_a_date_fails_on_a_broken_member_then_completes_and_reruns_nothing(
     seed(bucket, DATE, "1-3")
     marker = tmp_path / "pwned"
     gcs.bucket(bucket).blob(layout.input_object(DATE, 2)).upload_from_string(pickle.dumps(Hostile(marker)))
-    scratch = tmp_path / "scratch"
-    conf = run_conf(bucket, tiny_checkpoint, scratch, members="1-3", lead_time=LEAD_TIME)
+    conf = run_conf(bucket, tiny_checkpoint, members="1-3", lead_time=LEAD_TIME)
 
     # -- 1. a broken member ------------------------------------------------------------------
     dr = dag.test(logical_date=FORECAST_DAY, run_conf=conf)

@@ -59,19 +59,23 @@ def test_deployment_sets_the_defaults_scheduled_runs_use():
     host = {"project_id": "p", "zone": "us-central1-a", "service_account": "w@p.iam.gserviceaccount.com",
             "image": "us-docker.pkg.dev/p/aifs/worker:1"}
     result = _parse_in_fresh_interpreter({
-        "AIFS_ENS_PARAM_DEFAULTS": json.dumps({"bucket": "team-forecasts", "backend": "gce", "host": host}),
+        "AIFS_ENS_BACKEND": "gce",
+        "AIFS_ENS_HOST": json.dumps(host),
+        "AIFS_ENS_BUCKETS": "team-forecasts,team-scratch",
+        "AIFS_ENS_CHECKPOINTS": json.dumps({"ecmwf/aifs-ens-1.0": {"identity": None}}),
+        "AIFS_ENS_PARAM_DEFAULTS": json.dumps({"bucket": "team-scratch", "lead_time": 360}),
         "AIFS_ENS_PARALLEL_MEMBERS": "1",
     })
     assert result["errors"] == {}
-    assert (result["defaults"]["bucket"], result["defaults"]["backend"], result["defaults"]["host"]) == (
-        "team-forecasts", "gce", host)
+    assert (result["defaults"]["bucket"], result["defaults"]["lead_time"]) == ("team-scratch", 360)
+    assert "backend" not in result["defaults"] and "host" not in result["defaults"]  # not a trigger's to set
     assert result["defaults"]["members"] == "1-50"  # untouched defaults stay
     assert result["parallel"] == 1
 
 
 @pytest.mark.parametrize("defaults, says", [
     ({"bucket": "UPPER"}, "AIFS_ENS_PARAM_DEFAULTS['bucket']"),
-    ({"backend": "slurm"}, "AIFS_ENS_PARAM_DEFAULTS['backend']"),
+    ({"backend": "slurm"}, "backend: set by the deployment (AIFS_ENS_BACKEND), not by a trigger"),
     ({"buckett": "x"}, "unknown params: buckett"),
 ])
 def test_bad_deployment_defaults_are_an_import_error_naming_them(defaults, says):
@@ -87,8 +91,9 @@ def test_tasks_in_order(dag):
     assert set(dag.task_ids) == {
         "check_params", "wait_for_inputs", "plan", "create_host", "run_member", "delete_host", "verify"
     }
-    assert "wait_for_inputs" in downstream("check_params")
-    assert "plan" in downstream("wait_for_inputs")
+    assert "plan" in downstream("check_params")
+    assert "wait_for_inputs" in downstream("plan")  # plan first: the wait covers only planned members
+    assert "create_host" in downstream("wait_for_inputs")
     assert "create_host" in downstream("plan")
     assert "run_member" in downstream("create_host")
     assert "delete_host" in downstream("run_member")
@@ -123,13 +128,12 @@ def test_verify_always_runs_and_emits_the_forecasts_asset(dag):
 
 
 def test_params_cover_the_run_settings(dag):
-    assert set(dag.params.keys()) >= {
-        "members", "date", "bucket", "backend", "host", "checkpoint", "lead_time",
-        "upload_threads", "precision", "num_chunks", "input_wait_minutes",
+    assert set(dag.params.keys()) == {
+        "members", "date", "cycle_hour", "bucket", "checkpoint", "lead_time",
+        "upload_threads", "precision", "num_chunks", "input_wait_minutes", "input_poke_seconds",
     }
     assert dag.params["members"] == "1-50"
     assert dag.params["lead_time"] == 792
-    assert dag.params["backend"] == "local"
 
 
 def test_alerts_are_wired(dag):

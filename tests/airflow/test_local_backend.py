@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import threading
@@ -12,7 +14,7 @@ import pytest
 from conftest import FORECAST_DAY, run_conf, task_states
 
 from aifs.exitcodes import ExitCode
-from aifs.orchestration.backends.base import RunInfo, WorkerSettings, get_backend
+from aifs.orchestration.backends.base import GPUBusy, MemberTimeout, RunInfo, WorkerSettings, get_backend
 
 RUN = RunInfo(dag_id="aifs_ens_forecast", run_id="manual__2025-06-01T00:00:00+00:00", date="20250601_0000")
 
@@ -120,19 +122,125 @@ def test_half_made_host_is_deleted_by_the_failed_setup(dag, bucket, seed, tiny_c
 
     def create_then_fail(self, run, log):
         run_dir = self.run_dir(run)
-        (run_dir / "input").mkdir(parents=True)
+        (run_dir / "input").mkdir(parents=True, exist_ok=True)  # a later try adopts what an earlier one made
         made.append(run_dir)
         raise RuntimeError("quota exceeded half-way")
 
     monkeypatch.setattr(LocalBackend, "create_host", create_then_fail)
 
-    dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(bucket, tiny_checkpoint, tmp_path, members="1", lead_time=72))
+    dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(bucket, tiny_checkpoint, members="1", lead_time=72))
 
     states = task_states(dr)
     assert dr.state == "failed"
     assert states[("create_host", -1)] == "failed"
     assert states[("delete_host", -1)] in ("skipped", "upstream_failed")  # the teardown did not run
-    # every try (creation is retried: GPU stockouts pass) cleaned up its own half-made host
+    # creation is retried (GPU stockouts pass); the last try removed the half-made host
     assert len(made) == 1 + dag.get_task("create_host").retries
     assert not any(path.exists() for path in made), "a half-made host was left behind"
     assert any("create_host failed" in m["title"] and "quota exceeded half-way" in m["message"] for m in alert_sink.messages)
+
+
+# -- one member per GPU, a run owns its jobs (fake worker: it records its own start and end) ------
+
+FAKE_PYTHON = Path(__file__).resolve().parent / "fake_python.sh"
+BACKFILL = RunInfo(dag_id="aifs_ens_forecast", run_id="backfill__2025-06-01T00:00:00+00:00", date="20250601_0000")
+
+
+def fake_backend(tmp_path, fake: dict | None = None, **settings):
+    env = {"FAKE_RUNS": str(tmp_path / "runs"), "FAKE_TIMES": str(tmp_path / "times"), **{k: str(v) for k, v in (fake or {}).items()}}
+    return backend(tmp_path / "scratch", worker_python=str(FAKE_PYTHON), env=env, **settings)
+
+
+def spans(tmp_path):
+    from backends.backend_helpers import job_spans
+
+    return job_spans(tmp_path / "times")
+
+
+def in_thread(fn):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)
+    return future
+
+
+def wait_for_line(lines, text, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in line for line in list(lines)):
+            return next(line for line in list(lines) if text in line)
+        time.sleep(0.02)
+    raise AssertionError(f"{text!r} not logged within {timeout} s: {lines}")
+
+
+def test_two_runs_of_one_date_never_run_workers_at_once_nor_remove_each_others_scratch(tmp_path):
+    from backends.backend_helpers import assert_no_overlap
+
+    long, short = fake_backend(tmp_path, {"FAKE_STEPS": 20, "FAKE_SLEEP": 0.1}), fake_backend(tmp_path, {"FAKE_STEPS": 2}, gpu_wait=60)
+    assert long.run_dir(RUN) != long.run_dir(BACKFILL)
+    first_log, second_log = [], []
+    first = in_thread(lambda: long.run_member(RUN, 1, WorkerSettings(bucket="b", checkpoint="x"), first_log.append, timeout_s=600))
+    wait_for_line(first_log, "step 1")
+    second = in_thread(lambda: short.run_member(BACKFILL, 1, WorkerSettings(bucket="b", checkpoint="x"), second_log.append, timeout_s=600))
+    said = wait_for_line(second_log, "the GPU is busy")
+    assert f"run={RUN.run_id} member=001 since=20" in said  # who holds it, since when
+
+    short.delete_host(BACKFILL, print)  # the other run's teardown: its own scratch only
+    assert long.run_dir(RUN).is_dir()
+    assert first.result(timeout=60) == 0 and second.result(timeout=60) == 0
+    assert len(spans(tmp_path)) == 2
+    assert_no_overlap(spans(tmp_path))
+
+    blocker = in_thread(lambda: long.run_member(RUN, 2, WorkerSettings(bucket="b", checkpoint="x"), [].append, timeout_s=600))
+    time.sleep(1)
+    with pytest.raises(GPUBusy, match=re.escape(f"the GPU is held by another worker (run={RUN.run_id} member=002")):
+        fake_backend(tmp_path, gpu_wait=0.5).run_member(BACKFILL, 2, WorkerSettings(bucket="b", checkpoint="x"), print, timeout_s=600)
+    long.stop_member(RUN, 2, print)
+    assert blocker.result(timeout=30) != 0
+    assert len(spans(tmp_path)) == 3  # the refused member never started a worker
+
+
+def test_the_deadline_stops_the_worker_even_without_the_task(tmp_path):
+    local = fake_backend(tmp_path, {"FAKE_STEPS": 300, "FAKE_SLEEP": 0.1})
+    with pytest.raises(MemberTimeout, match="from its launch"):
+        local.run_member(RUN, 4, WorkerSettings(bucket="b", checkpoint="x"), print, timeout_s=2)
+    (start, end, _), = spans(tmp_path)
+    assert end is not None and end - start < 4
+    # the deadline is kept by a process beside the worker (coreutils timeout), not by this task
+    job = json.loads((local.run_dir(RUN) / "member004.job.json").read_text())
+    assert job["deadline"] - job["launched"] == 2 and job["run_id"] == RUN.run_id
+
+
+def test_stop_member_stops_the_worker(tmp_path):
+    """What the run_member operator's on_kill calls when Airflow kills the task."""
+    local = fake_backend(tmp_path, {"FAKE_STEPS": 300, "FAKE_SLEEP": 0.1})
+    lines = []
+    running = in_thread(lambda: local.run_member(RUN, 5, WorkerSettings(bucket="b", checkpoint="x"), lines.append, timeout_s=600))
+    wait_for_line(lines, "step 1")
+    local.stop_member(RUN, 5, lines.append)
+    assert running.result(timeout=30) == 143
+    (start, end, _), = spans(tmp_path)
+    assert end is not None
+    assert any("left by an earlier try" in line or "stopping worker" in line for line in lines)
+
+
+def test_a_checkpoint_that_cannot_load_stops_the_remaining_members(bucket, seed, tiny_checkpoint, tmp_path, monkeypatch, alert_sink, airflow_db):
+    """Exit 15 on the first member: the others skip at once without starting a worker, one task alert."""
+    from conftest import load_dag, local_deployment
+
+    seed(bucket, "20250601_0000", "1-3")
+    env = {"FAKE_RUNS": str(tmp_path / "runs"), "FAKE_TIMES": str(tmp_path / "times"), "FAKE_STEPS": "1", "FAKE_EXIT": "15"}
+    for name, value in local_deployment(tmp_path / "scratch", worker_python=str(FAKE_PYTHON), env=env).items():
+        monkeypatch.setenv(name, value)
+    dag = load_dag()
+
+    dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(bucket, "tiny.ckpt", members="1-3", lead_time=72))
+
+    states = task_states(dr)
+    assert dr.state == "failed"
+    assert [states[("run_member", i)] for i in range(3)] == ["failed", "skipped", "skipped"]
+    assert len(spans(tmp_path)) == 1, "a member after the checkpoint failure started a worker"
+    member_alerts = [m for m in alert_sink.messages if "run_member" in m.get("title", "")]
+    assert len(member_alerts) == 1 and "checkpoint could not be loaded" in member_alerts[0]["message"]

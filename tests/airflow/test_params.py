@@ -7,9 +7,11 @@ import datetime as dt
 import pytest
 from conftest import FORECAST_DAY, task_states
 
+from aifs.orchestration.deployment import DeploymentSettings
 from aifs.orchestration.params import BadParams, forecast_date, resolve_run_config
 
-RUN = dict(dag_id="aifs_ens_forecast", run_id="manual__x", logical_date=FORECAST_DAY)
+#: a deployment with every setting at its default (the local backend, the original bucket)
+RUN = dict(deployment=DeploymentSettings.from_env({}), dag_id="aifs_ens_forecast", run_id="manual__x", logical_date=FORECAST_DAY)
 
 
 def resolve(**params):
@@ -21,8 +23,9 @@ def test_defaults_resolve_to_the_logical_dates_cycle():
     assert config["date"] == "20250601_0000"
     assert config["members"] == list(range(1, 51))
     assert config["backend"] == "local"
-    assert config["host"]["device"] == "auto"  # the backend's schema filled its defaults in
+    assert "host" not in config  # host settings stay in the deployment, out of XCom
     assert config["worker"]["lead_time"] == 792
+    assert config["bucket"] == "aifs-aiquest-us-20251127" and config["gcp_conn_id"] == "google_cloud_default"
 
 
 def test_member_selection_syntax_and_explicit_date():
@@ -44,15 +47,13 @@ def test_member_selection_syntax_and_explicit_date():
         ({"members": "5-3"}, "runs backwards"),
         ({"members": "1-"}, "members: '1-' does not match"),
         ({"members": ""}, "members:"),
-        ({"backend": "azure"}, "backend: 'azure' is not one of"),
         ({"date": "2025-06-01"}, "date: '2025-06-01' does not match"),
         ({"date": "20251332_0000"}, "bad forecast date '20251332_0000'"),
         ({"lead_time": 100}, "lead_time: 100 is not a multiple of 6"),
         ({"upload_threads": 0}, "upload_threads: 0 is less than the minimum"),
         ({"precision": "64"}, "precision: '64' is not one of"),
-        ({"host": {"gpu": "a100"}}, "Additional properties are not allowed ('gpu' was unexpected)"),
-        ({"host": {"device": "tpu"}}, "host: LocalBackend settings invalid: device: 'tpu' is not one of"),
-        ({"bucket": "Bad Bucket"}, "bucket: 'Bad Bucket' does not match"),
+        ({"bucket": "Bad Bucket"}, "bucket: 'Bad Bucket' is not one of ['aifs-aiquest-us-20251127']"),
+        ({"checkpoint": "/tmp/mine.ckpt"}, "checkpoint: '/tmp/mine.ckpt' is not one of ['ecmwf/aifs-ens-1.0']"),
         ({"colour": "red"}, "unknown params: colour"),
     ],
 )
@@ -66,7 +67,7 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(BadParams) as err:
         resolve(members="60", backend="nope", lead_time=5)
     text = str(err.value)
-    assert "member 60" in text and "'nope'" in text and "lead_time" in text
+    assert "member 60" in text and "backend: set by the deployment" in text and "lead_time" in text
 
 
 @pytest.mark.parametrize(
@@ -93,19 +94,20 @@ def test_runs_without_logical_date_use_run_after():
     "conf",
     [
         {"members": "1-"},
-        {"backend": "azure"},
+        {"bucket": "someone-elses-bucket"},
+        {"checkpoint": "/home/me/my.ckpt"},
         {"date": "2025-6-1"},
     ],
-    ids=["members-1-", "unknown-backend", "malformed-date"],
+    ids=["members-1-", "bucket-not-allowed", "checkpoint-not-allowed", "malformed-date"],
 )
-def test_schema_errors_refuse_the_run_at_trigger_time(dag, conf, tmp_path):
+def test_schema_errors_refuse_the_run_at_trigger_time(dag, conf, scratch):
     """Airflow validates params against the schemas when the run is created: no run, no host."""
     from airflow.sdk.exceptions import ParamValidationError
 
     with pytest.raises(ParamValidationError) as err:
-        dag.test(logical_date=FORECAST_DAY, run_conf={**conf, "host": {"scratch_dir": str(tmp_path)}})
+        dag.test(logical_date=FORECAST_DAY, run_conf=conf)
     assert next(iter(conf)) in str(err.value)
-    assert list(tmp_path.iterdir()) == []
+    assert not scratch.exists()
 
 
 @pytest.mark.parametrize(
@@ -113,20 +115,18 @@ def test_schema_errors_refuse_the_run_at_trigger_time(dag, conf, tmp_path):
     [
         ({"members": "49-51"}, "member 51 is outside 1..50"),
         ({"date": "20250230_0000"}, "bad forecast date '20250230_0000'"),
-        ({"host": {"device": "tpu"}}, "device: 'tpu' is not one of"),
     ],
-    ids=["member-51", "impossible-date", "bad-host-settings"],
+    ids=["member-51", "impossible-date"],
 )
-def test_semantic_errors_fail_the_run_before_any_host(dag, conf, says, tmp_path, alert_sink):
+def test_semantic_errors_fail_the_run_before_any_host(dag, conf, says, scratch, alert_sink):
     """What a schema cannot see, check_params does: the run fails there and no host is created."""
-    host = {"scratch_dir": str(tmp_path), **conf.pop("host", {})}
-    dr = dag.test(logical_date=FORECAST_DAY, run_conf={**conf, "host": host})
+    dr = dag.test(logical_date=FORECAST_DAY, run_conf=conf)
     states = task_states(dr)
     assert dr.state == "failed"
     assert states[("check_params", -1)] == "failed"
     assert states[("create_host", -1)] == "upstream_failed"
     assert states[("delete_host", -1)] in ("skipped", "upstream_failed")
     assert states[("verify", -1)] == "failed"
-    assert list(tmp_path.iterdir()) == []  # the local backend's host is its scratch dir: never made
+    assert not scratch.exists()  # the local backend's host is its scratch dir: never made
     alert = next(m for m in alert_sink.messages if "check_params failed" in m["title"])
     assert says in alert["message"]

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import airflow_env, run_conf
+from conftest import airflow_env, local_deployment, run_conf
 
 from aifs import layout
 from aifs.testing.emulator import free_port
@@ -27,6 +27,8 @@ from aifs.testing.emulator import free_port
 pytestmark = pytest.mark.slow
 
 DAG_ID = "aifs_ens_forecast"
+DISPATCH_PYTHON = Path(__file__).resolve().parent / "dispatch_python.sh"
+MEMBER_TIMEOUT_S = 60
 DATE = "20250601_0000"
 LOGICAL_DATE = "2025-06-01T00:00:00Z"
 
@@ -133,7 +135,24 @@ class Airflow:
 @pytest.fixture(scope="module")
 def airflow(emulator, worker_python):
     home = Path(tempfile.mkdtemp(prefix="aifs-scheduler-test-"))
-    env = {"STORAGE_EMULATOR_HOST": emulator.url, "AIFS_WORKER_PYTHON": worker_python}
+    (home / "fake-long-once").mkdir()
+    env = {
+        "STORAGE_EMULATOR_HOST": emulator.url,
+        "AIFS_WORKER_PYTHON": worker_python,
+        # the real worker, except for the dates a test lists in fake_dates (dispatch_python.sh)
+        **local_deployment(home / "scratch", worker_python=str(DISPATCH_PYTHON)),
+        "AIFS_REAL_WORKER_PYTHON": worker_python,
+        "AIFS_FAKE_DATES_FILE": str(home / "fake_dates"),
+        "FAKE_RUNS": str(home / "fake_runs"),
+        "FAKE_TIMES": str(home / "fake_times"),
+        "FAKE_LONG_ONCE": str(home / "fake-long-once"),
+        "FAKE_LONG_MEMBERS": "1 2",
+        "FAKE_LONG_STEPS": "600",
+        "FAKE_STEPS": "2",
+        "FAKE_SLEEP": "0.5",
+        # a member's deadline on the host (and, 15 minutes later, Airflow's own execution_timeout)
+        "AIFS_ENS_MEMBER_TIMEOUT_MIN": str(MEMBER_TIMEOUT_S / 60),
+    }
     stack = Airflow(home, env)
     try:
         yield stack.start()
@@ -147,9 +166,9 @@ def parse_time(text: str) -> float:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def test_members_run_one_at_a_time_and_one_index_can_be_rerun_alone(airflow, gcs, bucket, seed, tiny_checkpoint, tmp_path):
+def test_members_run_one_at_a_time_and_one_index_can_be_rerun_alone(airflow, gcs, bucket, seed, tiny_checkpoint):
     seed(bucket, DATE, "1-3")
-    conf = run_conf(bucket, tiny_checkpoint, tmp_path, members="1-3", lead_time=72)
+    conf = run_conf(bucket, tiny_checkpoint, members="1-3", lead_time=72)
     airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
     run = airflow.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": LOGICAL_DATE, "conf": conf})
     run_id = run["dag_run_id"]
@@ -189,4 +208,42 @@ def test_members_run_one_at_a_time_and_one_index_can_be_rerun_alone(airflow, gcs
     assert gcs.bucket(bucket).get_blob(layout.manifest_object(DATE, 2)) is not None  # member 2 really ran again
     for member in (1, 3):
         assert gcs.bucket(bucket).get_blob(layout.manifest_object(DATE, member)).generation == manifests[member].generation
-    assert [str(p) for p in tmp_path.rglob("*") if p.is_file()] == []  # the rerun's teardown cleaned up too
+    host_state = {airflow.home / "scratch" / name for name in ("gpu.lock", "gpu.holder")}  # the machine's GPU lock stays
+    assert [str(p) for p in (airflow.home / "scratch").rglob("*") if p.is_file() and p not in host_state] == []  # the rerun's teardown cleaned up too
+
+
+FAKE_DATE, FAKE_LOGICAL_DATE = "20250602_0000", "2025-06-02T00:00:00Z"
+
+
+def test_a_killed_or_timed_out_member_is_stopped_on_the_host_and_the_next_never_overlaps(airflow, bucket, seed):
+    """Member 1 is marked failed while it runs; member 2 outlives its timeout. Judged by the jobs'
+    own start and end times on the host (the fake worker records them), not by Airflow's."""
+    from backends.backend_helpers import assert_no_overlap, job_spans
+
+    seed(bucket, FAKE_DATE, "1-3")
+    (airflow.home / "fake_dates").write_text(FAKE_DATE + "\n")
+    times = airflow.home / "fake_times"
+
+    def jobs(member=None):
+        return [s for s in job_spans(times) if f"--date {FAKE_DATE}" in s[2] and (member is None or f"--members {member} " in s[2])]
+
+    airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
+    conf = run_conf(bucket, "tiny.ckpt", members="1-3", lead_time=72)
+    run_id = airflow.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": FAKE_LOGICAL_DATE, "conf": conf})["dag_run_id"]
+
+    airflow.wait_for(lambda: jobs(1), "member 1's job to start", timeout=180)
+    time.sleep(3)
+    airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/run_member/0", {"new_state": "failed"})
+    marked = time.time()
+    airflow.wait_for_run(run_id, timeout=MEMBER_TIMEOUT_S + 240)
+
+    spans = jobs()
+    assert_no_overlap(spans)  # never two members' jobs on the GPU at once
+    (m1_start, m1_end, _), = jobs(1)
+    assert m1_end - marked < 30, "marking member 1 failed did not stop its job (its on_kill did nothing)"
+    (m2_start, m2_end, _), (retry_start, _, _) = jobs(2)
+    # stopped by the host at its deadline from launch, not when it would have ended (600 x 0.5 s)
+    assert MEMBER_TIMEOUT_S - 1 <= m2_end - m2_start <= MEMBER_TIMEOUT_S + 30, (m2_start, m2_end)
+    assert retry_start >= m2_end and len(jobs(3)) == 1
+    states = {ti["map_index"]: (ti["state"], ti["try_number"]) for ti in airflow.task_instances(run_id) if ti["task_id"] == "run_member"}
+    assert states[0][0] == "failed" and states[1] == ("success", 2) and states[2][0] == "success", states

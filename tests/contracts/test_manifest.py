@@ -8,7 +8,7 @@ import json
 import pytest
 
 from aifs import layout
-from aifs.manifest import SCHEMA_VERSION, Manifest, ManifestObject
+from aifs.manifest import READABLE_SCHEMAS, SCHEMA_VERSION, Manifest, ManifestObject
 
 DATE = "20251127_0000"
 
@@ -21,6 +21,7 @@ def _manifest(member=3, lead=150) -> Manifest:
             crc32c=base64.b64encode((i + 1).to_bytes(4, "big")).decode(),
             window=(w.start, w.end),
             messages=7 * ((w.end - w.start) // 6),
+            fields=7,
         )
         for i, w in enumerate(layout.windows(lead))
     ]
@@ -30,6 +31,8 @@ def _manifest(member=3, lead=150) -> Manifest:
         seed=123456789,
         lead_time=lead,
         checkpoint="tiny.ckpt",
+        checkpoint_identity="sha256:" + "ab" * 32,
+        step_hours=6,
         objects=objects,
         versions={"anemoi-inference": "0.13.0", "torch": "2.13.0"},
         timings={"download": 1.5, "inference": 20.25, "upload": 3.0},
@@ -53,10 +56,13 @@ def test_from_bytes():
 
 def test_json_shape():
     data = json.loads(_manifest().to_json())
-    assert data["schema"] == SCHEMA_VERSION == 1
-    assert set(data) >= {"date", "member", "seed", "lead_time", "checkpoint", "objects", "versions", "timings", "host"}
+    assert data["schema"] == SCHEMA_VERSION == 2
+    assert set(data) >= {"date", "member", "seed", "lead_time", "checkpoint", "checkpoint_identity", "step_hours",
+                         "objects", "versions", "timings", "host"}
+    assert data["checkpoint_identity"] == "sha256:" + "ab" * 32 and data["step_hours"] == 6
     first = data["objects"][0]
-    assert set(first) == {"name", "size", "crc32c", "window", "messages"}
+    assert set(first) == {"name", "size", "crc32c", "window", "messages", "fields"}
+    assert first["fields"] == 7
     assert first["window"] == [0, 72]  # JSON has no tuples
 
 
@@ -74,7 +80,21 @@ def test_total_bytes():
     assert m.total_bytes == 0
 
 
-@pytest.mark.parametrize("schema", [0, 2, None, "1"])
+def test_reads_schema_1_with_the_new_fields_empty():
+    """A manifest written before schema 2 still reads (aifs.completeness then calls it not complete)."""
+    data = json.loads(_manifest().to_json())
+    data["schema"] = 1
+    del data["checkpoint_identity"], data["step_hours"]
+    for obj in data["objects"]:
+        del obj["fields"]
+    old = Manifest.from_json(json.dumps(data))
+    assert old.schema == 1 and 1 in READABLE_SCHEMAS
+    assert old.checkpoint_identity == "" and old.step_hours == 0
+    assert [o.fields for o in old.objects] == [0, 0, 0]
+    assert [o.name for o in old.objects] == [o.name for o in _manifest().objects]
+
+
+@pytest.mark.parametrize("schema", [0, 3, None, "1", "2", True])
 def test_rejects_other_schema(schema):
     data = json.loads(_manifest().to_json())
     data["schema"] = schema

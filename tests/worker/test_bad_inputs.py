@@ -52,8 +52,14 @@ def _assert_refused(code, text, expected_code, client, bucket, dirs, *fragments)
     assert manifest_names(client, bucket.name) == []
     assert dirs.files() == []
     assert "[CLEANUP]" in text
+    # an invalid input never costs a model load: the metadata sized and checked it, the weights stayed on disk
+    assert not _weights_loaded(text), _weights_loaded(text)
     rerun = tagged(text, "[RERUN]")
     assert rerun and f"--members {MEMBER}" in rerun[-1]
+
+
+def _weights_loaded(text: str) -> list[str]:
+    return [line for line in tagged(text, "[MODEL]") if re.search(r"weights of .* loaded", line)]
 
 
 def _run(run_main, bucket, checkpoint, dirs):
@@ -190,4 +196,5 @@ def test_tolerated_state_runs(run_main, client, bucket, checkpoint, dirs):
     code, text = _run(run_main, bucket, checkpoint, dirs)
     assert code == 0, text[-5000:]
     assert len(manifest_names(client, bucket.name)) == 1
+    assert len(_weights_loaded(text)) == 1, text[-5000:]
     assert dirs.files() == []

@@ -151,7 +151,10 @@ def _run_config(context: dict[str, Any]) -> dict[str, Any]:
 def _member_of(ti) -> int | None:
     if ti is None or getattr(ti, "task_id", None) != "run_member":
         return None
-    member = (getattr(getattr(ti, "task", None), "op_kwargs", None) or {}).get("member")
+    task = getattr(ti, "task", None)
+    member = getattr(task, "member", None)  # the run_member operator (aifs.orchestration.member_task)
+    if not isinstance(member, int):
+        member = (getattr(task, "op_kwargs", None) or {}).get("member")
     return member if isinstance(member, int) else None
 
 
@@ -231,19 +234,21 @@ def _verify_findings(ti, context: dict[str, Any]) -> str | None:
         pass
     try:
         from aifs.members import format_members
+        from aifs.orchestration.deployment import DeploymentSettings
         from aifs.orchestration.params import resolve_run_config
         from aifs.orchestration.storage import storage_client
-        from aifs.orchestration.verify import verify_members
+        from aifs.orchestration.verify import verify_run
 
         dag_run = context["dag_run"]
         config = resolve_run_config(
             dict(context.get("params") or {}),
+            deployment=DeploymentSettings.from_env(),
             dag_id=dag_run.dag_id,
             run_id=dag_run.run_id,
             logical_date=dag_run.logical_date,
             run_after=getattr(dag_run, "run_after", None),
         )
-        report = verify_members(storage_client(config["gcp_conn_id"]), config["bucket"], config["date"], config["members"])
+        report = verify_run(storage_client(config["gcp_conn_id"]), config)
     except Exception:
         log.debug("could not re-check the bucket for the run alert", exc_info=True)
         return None

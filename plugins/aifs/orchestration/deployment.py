@@ -1,7 +1,12 @@
 """Per-deployment DAG settings, read from environment variables when the DAG file is parsed.
 
 Environment variables, not Airflow Variables: they cost nothing at parse time (no metadata
-database round trip every parse), and Composer sets them per environment without code changes.
+database round trip every parse), Composer sets them per environment without code changes, and
+only the environment's admins can change them (anyone who may trigger a run cannot). So what
+decides where and how code runs on the GPU host is here, never in a trigger's params: the
+backend, its host settings, connection ids, service account, and which checkpoints and buckets a
+trigger may choose from. Every setting is checked when the DAG file is parsed: a broken one is a
+DAG import error naming its variable (and never echoing an ``env`` value, which may be secret).
 
 ===========================  ========================  ===========================================
 variable                     default                   meaning
@@ -15,10 +20,20 @@ AIFS_ENS_MEMBER_RETRIES      2                         retries of a member after
 AIFS_ENS_RETRY_DELAY_S       120                       first retry delay; doubles each try
 AIFS_ENS_MEMBER_TIMEOUT_MIN  180                       one member's limit, download to last upload
 AIFS_ENS_HOST_RETRIES        2                         retries of host creation (GPU stockouts, quota races)
-AIFS_ENS_PARAM_DEFAULTS      {}                        JSON object: this deployment's param defaults, used
-                                                       by scheduled runs and backfills, e.g.
-                                                       {"bucket": "my-bucket", "backend": "gce",
-                                                        "host": {"project_id": "...", ...}}
+AIFS_ENS_BACKEND             local                     how members reach a GPU: local, ssh, gce or gke
+AIFS_ENS_HOST                {}                        JSON object: the backend's settings, checked against
+                                                       its schema, e.g. {"project_id": "...", "zone": ...}
+AIFS_ENS_GCP_CONN_ID         google_cloud_default      Airflow connection the DAG reads the bucket with
+AIFS_ENS_SERVICE_ACCOUNT     (none)                    key file on the GPU host for the worker's
+                                                       --service-account; empty: the host's own account
+AIFS_ENS_BUCKETS             the original bucket       JSON list (or comma-separated) of the buckets a
+                                                       trigger may choose; the first is the default
+AIFS_ENS_CHECKPOINTS         {"ecmwf/aifs-ens-1.0":    JSON object: checkpoint a trigger may choose ->
+                              {"identity": null}}      {"identity": "sha256:<hex>" | "hf:<rev>" | null},
+                                                       the identity the worker must find; first: default
+AIFS_ENS_PARAM_DEFAULTS      {}                        JSON object: defaults of trigger params for scheduled
+                                                       runs and backfills, e.g. {"members": "1-50",
+                                                       "lead_time": 792}; deployment settings refused
 AIFS_ENS_PARALLEL_MEMBERS    1                         members in flight at once; above 1 only with the
                                                        gke backend (one GPU pod each); VM and ssh hosts
                                                        have one GPU, so members there stay serial
@@ -31,9 +46,12 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 from typing import Any
 
-from aifs.orchestration.params import CYCLE_HOURS
+from aifs import layout
+from aifs.completeness import is_checkpoint_identity
+from aifs.orchestration.params import BUCKET_PATTERN, CYCLE_HOURS, DEFAULT_BACKEND, DEFAULT_GCP_CONN_ID, param_specs, with_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +66,17 @@ class DeploymentSettings:
     host_retries: int = 2
     parallel_members: int = 1
     param_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    backend: str = DEFAULT_BACKEND
+    #: the backend's settings as the admin wrote them (validated); never copied into a run's config
+    host: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    gcp_conn_id: str = DEFAULT_GCP_CONN_ID
+    service_account: str | None = None
+    allowed_buckets: tuple[str, ...] = (layout.DEFAULT_BUCKET,)
+    #: checkpoint reference -> identity the worker must find (None: not checked)
+    checkpoints: dict[str, str | None] = dataclasses.field(default_factory=lambda: {layout.DEFAULT_CHECKPOINT: None})
+    #: the DAG's params: name -> ``airflow.sdk.Param`` keyword arguments, with this deployment's
+    #: allowed buckets and checkpoints as enums and its AIFS_ENS_PARAM_DEFAULTS as defaults
+    param_specs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "DeploymentSettings":
@@ -59,6 +88,18 @@ class DeploymentSettings:
         if schedule.strip().lower() in ("none", "@none", "off"):
             schedule = None
         start = dt.datetime.strptime(env.get("AIFS_ENS_START_DATE", "2025-01-01"), "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+        backend = env.get("AIFS_ENS_BACKEND", "").strip() or DEFAULT_BACKEND
+        host = _host_settings(backend, env.get("AIFS_ENS_HOST", ""))
+        parallel_members = _at_least_one("AIFS_ENS_PARALLEL_MEMBERS", env.get("AIFS_ENS_PARALLEL_MEMBERS", "1"))
+        if parallel_members > 1 and backend != "gke":
+            raise ValueError(
+                f"AIFS_ENS_PARALLEL_MEMBERS={parallel_members} needs AIFS_ENS_BACKEND=gke (one GPU pod per member); "
+                f"a {backend} host has one GPU, so its members must run one at a time"
+            )
+        buckets = _buckets(env.get("AIFS_ENS_BUCKETS", ""))
+        checkpoints = _checkpoints(env.get("AIFS_ENS_CHECKPOINTS", ""))
+        defaults = _json_object("AIFS_ENS_PARAM_DEFAULTS", env.get("AIFS_ENS_PARAM_DEFAULTS", ""))
+        specs = with_defaults(param_specs(cycle_hour, buckets=buckets, checkpoints=list(checkpoints)), defaults)
         return cls(
             schedule=schedule,
             start_date=start,
@@ -68,9 +109,84 @@ class DeploymentSettings:
             retry_delay=dt.timedelta(seconds=float(env.get("AIFS_ENS_RETRY_DELAY_S", "120"))),
             member_timeout=dt.timedelta(minutes=float(env.get("AIFS_ENS_MEMBER_TIMEOUT_MIN", "180"))),
             host_retries=int(env.get("AIFS_ENS_HOST_RETRIES", "2")),
-            parallel_members=_at_least_one("AIFS_ENS_PARALLEL_MEMBERS", env.get("AIFS_ENS_PARALLEL_MEMBERS", "1")),
-            param_defaults=_json_object("AIFS_ENS_PARAM_DEFAULTS", env.get("AIFS_ENS_PARAM_DEFAULTS", "")),
+            parallel_members=parallel_members,
+            param_defaults=defaults,
+            backend=backend,
+            host=host,
+            gcp_conn_id=env.get("AIFS_ENS_GCP_CONN_ID", "").strip() or DEFAULT_GCP_CONN_ID,
+            service_account=env.get("AIFS_ENS_SERVICE_ACCOUNT", "").strip() or None,
+            allowed_buckets=tuple(buckets),
+            checkpoints=checkpoints,
+            param_specs=specs,
         )
+
+    def get_backend(self):
+        """The backend these settings describe (building it creates nothing)."""
+        from aifs.orchestration.backends.base import get_backend
+
+        return get_backend(self.backend, self.host)
+
+
+def _host_settings(backend: str, text: str) -> dict[str, Any]:
+    """AIFS_ENS_HOST checked against the backend's schema; errors name the setting, never an env value."""
+    import jsonschema
+
+    from aifs.orchestration.backends.base import BACKEND_NAMES, backend_class
+
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"AIFS_ENS_BACKEND must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
+    host = _json_object("AIFS_ENS_HOST", text)
+    schema = backend_class(backend).SETTINGS_SCHEMA
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(host), key=lambda e: list(map(str, e.path)))
+    if errors:
+        raise ValueError(f"AIFS_ENS_HOST is not valid for the {backend} backend: " + "; ".join(_describe(e) for e in errors))
+    return host
+
+
+def _describe(error: Any) -> str:
+    path = ".".join(map(str, error.path)) or "<settings>"
+    if error.path and error.path[0] == "env":
+        if "propertyNames" in error.schema_path:
+            return f"{path}: variable name {error.instance!r} is not a shell identifier ({error.validator_value})"
+        return f"{path}: must be {'a string' if len(error.path) > 1 else 'an object of strings'} (value not shown: env values may be secret)"
+    return f"{path}: {error.message}"
+
+
+def _buckets(text: str) -> list[str]:
+    if not text.strip():
+        return [layout.DEFAULT_BUCKET]
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"AIFS_ENS_BUCKETS is not valid JSON: {exc}") from None
+    else:
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, list) or not value:
+        raise ValueError("AIFS_ENS_BUCKETS must be a non-empty JSON list (or comma-separated list) of bucket names")
+    bad = [b for b in value if not isinstance(b, str) or not re.fullmatch(BUCKET_PATTERN, b)]
+    if bad:
+        raise ValueError(f"AIFS_ENS_BUCKETS: not GCS bucket names: {', '.join(map(repr, bad))}")
+    return list(dict.fromkeys(value))
+
+
+def _checkpoints(text: str) -> dict[str, str | None]:
+    if not text.strip():
+        return {layout.DEFAULT_CHECKPOINT: None}
+    value = _json_object("AIFS_ENS_CHECKPOINTS", text)
+    if not value:
+        raise ValueError("AIFS_ENS_CHECKPOINTS must allow at least one checkpoint")
+    checkpoints: dict[str, str | None] = {}
+    for ref, spec in value.items():
+        if not ref.strip():
+            raise ValueError("AIFS_ENS_CHECKPOINTS: a checkpoint reference is empty")
+        if not isinstance(spec, dict) or set(spec) - {"identity"}:
+            raise ValueError(f'AIFS_ENS_CHECKPOINTS[{ref!r}] must be {{"identity": "sha256:<hex>" | "hf:<revision>" | null}}')
+        identity = spec.get("identity")
+        if identity is not None and not is_checkpoint_identity(identity):  # the worker's own rule
+            raise ValueError(f"AIFS_ENS_CHECKPOINTS[{ref!r}]: identity {identity!r} is not sha256:<64 hex>, hf:<revision> or null")
+        checkpoints[ref] = identity
+    return checkpoints
 
 
 def _json_object(name: str, text: str) -> dict[str, Any]:
@@ -81,7 +197,7 @@ def _json_object(name: str, text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a JSON object of param defaults, got {type(value).__name__}")
+        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
     return value
 
 

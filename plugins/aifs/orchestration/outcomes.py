@@ -42,7 +42,8 @@ _FIX = {
     ExitCode.INPUT_MISSING: "make sure the input pickle is in the bucket",
     ExitCode.INPUT_INVALID: "replace the input pickle with a valid one",
     ExitCode.OUT_OF_DISK: "free or enlarge the GPU host's scratch disk",
-    ExitCode.CHECKPOINT_FAILED: "check the 'checkpoint' param and that the host can read it",
+    ExitCode.CHECKPOINT_FAILED: ("check the 'checkpoint' param, that the host can read it and that it is the checkpoint "
+                                 "AIFS_ENS_CHECKPOINTS declares (the worker refuses another identity)"),
 }
 
 
@@ -77,11 +78,13 @@ def rerun_instructions(dag_id: str, run_id: str, date: str, failed: list[tuple[i
         task_ids = [["run_member", i] for _, i in indexed]
         body = {"dag_run_id": run_id, "task_ids": task_ids, "dry_run": False, "only_failed": False}
         lines += [
-            f"  - Airflow UI: run {run_id}, clear {labels}; the host is created again for it and deleted after.",
+            f"  - Airflow UI: run {run_id}, clear {labels}; the host is created again for it and deleted after, and "
+            "the worker redoes the member (withdrawing first any manifest of it that does not verify).",
             f"  - REST API: POST /api/v2/dags/{dag_id}/clearTaskInstances {json.dumps(body)}",
         ]
     conf = json.dumps({"date": date, "members": format_members(members)})
     lines.append(
-        f"  - or a new run for the date (finished members are skipped): airflow dags trigger {dag_id} --conf {shlex.quote(conf)}"
+        f"  - or a new run for the date (members complete for its settings are skipped; incomplete ones are redone): "
+        f"airflow dags trigger {dag_id} --conf {shlex.quote(conf)}"
     )
     return "\n".join(lines)

@@ -1,5 +1,14 @@
 """The DAG's params: their JSON schemas and the one check that turns them into a run's config.
 
+A trigger is a forecaster's choice: which date, which members, how far ahead, and a checkpoint and
+a bucket from the lists the deployment allows, plus run knobs that only trade speed for memory
+(``upload_threads``, ``precision``, ``num_chunks``) or say how long to wait for inputs. Everything
+that decides *what runs where* (backend, host settings, connection ids, service account, startup
+script, image, docker args, python, GPU check, env) is an admin's, set per deployment by
+environment variable (aifs.orchestration.deployment), never by a trigger: whoever may trigger the
+DAG must not be able to run code on the GPU host. A run conf naming one of those is refused
+(``DEPLOYMENT_KEYS``, host settings), saying where it belongs.
+
 Two layers, on purpose:
 
 * ``PARAM_SPECS`` are JSON schemas. Airflow checks them when a run is created (UI, REST API,
@@ -7,8 +16,8 @@ Two layers, on purpose:
 * ``resolve_run_config`` is the real check, run by the DAG's first task: it re-validates every
   schema (params can reach a run by paths that skip the trigger-time check), then does what a
   schema cannot: member numbers within 1..50 and ranges that run forwards, a date that exists,
-  and the chosen backend's own ``host`` settings. It raises BadParams listing every problem,
-  so a bad run fails before any host is created and says why.
+  no deployment setting in the conf. It raises BadParams listing every problem, so a bad run
+  fails before any host is created and says why.
 
 Nothing here imports Airflow: the checks are plain functions the tests call directly.
 """
@@ -17,16 +26,30 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from aifs import layout
 from aifs.members import DEFAULT_MEMBERS, MEMBERS_PATTERN, BadMembers, format_members, parse_members
-from aifs.orchestration.backends.base import BACKEND_NAMES, WorkerSettings
+from aifs.orchestration.backends.base import BACKEND_NAMES, WorkerSettings, backend_class
+
+if TYPE_CHECKING:
+    from aifs.orchestration.deployment import DeploymentSettings
 
 DAG_ID = "aifs_ens_forecast"
 DEFAULT_BACKEND = "local"
 CYCLE_HOURS = (0, 6, 12, 18)
 DEFAULT_GCP_CONN_ID = "google_cloud_default"
+#: GCS bucket naming rules, simplified: lowercase, digits, - _ . ; 3..222 characters
+BUCKET_PATTERN = r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"
+
+#: Run settings that only the deployment sets: name a trigger might use -> the variable that sets it.
+DEPLOYMENT_KEYS = {
+    "backend": "AIFS_ENS_BACKEND",
+    "host": "AIFS_ENS_HOST",
+    "gcp_conn_id": "AIFS_ENS_GCP_CONN_ID",
+    "service_account": "AIFS_ENS_SERVICE_ACCOUNT",
+    "checkpoint_identity": "AIFS_ENS_CHECKPOINTS",
+}
 
 
 def default_cycle_hour() -> int:
@@ -37,11 +60,15 @@ def default_cycle_hour() -> int:
 def with_defaults(specs: dict[str, dict[str, Any]], defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``specs`` with a deployment's own defaults (AIFS_ENS_PARAM_DEFAULTS), checked against each schema.
 
-    Scheduled runs and backfills take the defaults, so this is how a Composer environment points
-    the daily run at its bucket and GPU backend without code changes.
+    Scheduled runs and backfills take the defaults, so this is how a Composer environment gives
+    the daily run its members, lead time, checkpoint and bucket without code changes. Only
+    trigger params may have defaults here: deployment settings have variables of their own.
     """
     import jsonschema
 
+    misplaced = deployment_key_problems(defaults)
+    if misplaced:
+        raise ValueError("AIFS_ENS_PARAM_DEFAULTS holds deployment settings, which have variables of their own: " + "; ".join(misplaced))
     unknown = sorted(set(defaults) - set(specs))
     if unknown:
         raise ValueError(f"AIFS_ENS_PARAM_DEFAULTS names unknown params: {', '.join(unknown)} (known: {', '.join(specs)})")
@@ -59,8 +86,41 @@ def with_defaults(specs: dict[str, dict[str, Any]], defaults: dict[str, Any]) ->
     return merged
 
 
-def param_specs(cycle_hour: int | None = None) -> dict[str, dict[str, Any]]:
-    """name -> keyword arguments of ``airflow.sdk.Param`` (``default``, ``description``, JSON schema)."""
+def host_setting_names() -> dict[str, list[str]]:
+    """Every backend's host setting -> the backends that have it (for saying where a key belongs)."""
+    names: dict[str, list[str]] = {}
+    for backend in BACKEND_NAMES:
+        for key in backend_class(backend).SETTINGS_SCHEMA.get("properties", {}):
+            names.setdefault(key, []).append(backend)
+    return names
+
+
+def deployment_key_problems(params: dict[str, Any]) -> list[str]:
+    """One line for each key of ``params`` that only the deployment may set, saying where it belongs."""
+    problems = []
+    host_keys = host_setting_names()
+    for key in sorted(params, key=str):
+        if key in DEPLOYMENT_KEYS:
+            problems.append(f"{key}: set by the deployment ({DEPLOYMENT_KEYS[key]}), not by a trigger")
+        elif key in host_keys:
+            problems.append(
+                f"{key}: a host setting of the {'/'.join(host_keys[key])} backend, set by the deployment "
+                f"(AIFS_ENS_HOST), not by a trigger"
+            )
+    return problems
+
+
+def param_specs(
+    cycle_hour: int | None = None,
+    *,
+    buckets: Sequence[str] = (layout.DEFAULT_BUCKET,),
+    checkpoints: Sequence[str] = (layout.DEFAULT_CHECKPOINT,),
+) -> dict[str, dict[str, Any]]:
+    """name -> keyword arguments of ``airflow.sdk.Param`` (``default``, ``description``, JSON schema).
+
+    ``buckets`` and ``checkpoints`` are what the deployment allows (AIFS_ENS_BUCKETS,
+    AIFS_ENS_CHECKPOINTS); the first of each is the default.
+    """
     return {
         "members": {
             "default": DEFAULT_MEMBERS,
@@ -81,28 +141,16 @@ def param_specs(cycle_hour: int | None = None) -> dict[str, dict[str, Any]]:
             "description": "Forecast cycle (UTC hour) used when 'date' is empty.",
         },
         "bucket": {
-            "default": layout.DEFAULT_BUCKET,
+            "default": buckets[0],
             "type": "string",
-            # GCS bucket naming rules, simplified: lowercase, digits, - _ . ; 3..222 characters
-            "pattern": r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$",
-            "description": "GCS bucket holding {date}/input/ and receiving {date}/forecasts/.",
-        },
-        "backend": {
-            "default": DEFAULT_BACKEND,
-            "type": "string",
-            "enum": list(BACKEND_NAMES),
-            "description": "How members reach a GPU: local (this machine), ssh, gce or gke.",
-        },
-        "host": {
-            "default": {},
-            "type": "object",
-            "description": "Settings of the chosen backend (checked against that backend's schema).",
+            "enum": list(buckets),
+            "description": "GCS bucket holding {date}/input/ and receiving {date}/forecasts/ (one the deployment allows).",
         },
         "checkpoint": {
-            "default": layout.DEFAULT_CHECKPOINT,
+            "default": checkpoints[0],
             "type": "string",
-            "minLength": 1,
-            "description": "Checkpoint path on the GPU host, or a Hugging Face repo id.",
+            "enum": list(checkpoints),
+            "description": "Model checkpoint (one the deployment allows): a path on the GPU host or a Hugging Face repo id.",
         },
         "lead_time": {
             "default": layout.DEFAULT_LEAD_TIME_HOURS,
@@ -129,17 +177,6 @@ def param_specs(cycle_hour: int | None = None) -> dict[str, dict[str, Any]]:
             "type": ["null", "integer"],
             "minimum": 1,
             "description": "ANEMOI_INFERENCE_NUM_CHUNKS (e.g. 16): less GPU memory, slower.",
-        },
-        "service_account": {
-            "default": None,
-            "type": ["null", "string"],
-            "description": "Service-account key file on the GPU host; empty: the host's own credentials.",
-        },
-        "gcp_conn_id": {
-            "default": DEFAULT_GCP_CONN_ID,
-            "type": "string",
-            "minLength": 1,
-            "description": "Airflow connection the DAG uses to read the bucket (ignored with STORAGE_EMULATOR_HOST).",
         },
         "input_wait_minutes": {
             "default": 360,
@@ -182,24 +219,22 @@ def forecast_date(explicit: str | None, logical_date: dt.datetime | None, run_af
     return layout.format_date(cycle)
 
 
-def _schema_problems(params: dict[str, Any]) -> list[str]:
+def _schema_problems(specs: dict[str, dict[str, Any]], params: dict[str, Any]) -> list[str]:
     import jsonschema  # ships with Airflow
 
     problems = []
-    for name, spec in param_specs().items():
+    for name, spec in specs.items():
         schema = {k: v for k, v in spec.items() if k not in ("default", "description")}
         value = params.get(name, spec["default"])
         for error in jsonschema.Draft7Validator(schema).iter_errors(value):
             problems.append(f"{name}: {error.message}")
-    unknown = sorted(set(params) - set(param_specs()))
-    if unknown:
-        problems.append(f"unknown params: {', '.join(unknown)}")
     return problems
 
 
 def resolve_run_config(
     params: dict[str, Any],
     *,
+    deployment: "DeploymentSettings",
     dag_id: str,
     run_id: str,
     logical_date: dt.datetime | None,
@@ -207,13 +242,19 @@ def resolve_run_config(
 ) -> dict[str, Any]:
     """Check a run's params; return its JSON-able config (what every later task reads).
 
-    Raises BadParams naming each problem. Creates nothing: backend settings are validated by
-    constructing the backend object, which by contract has no side effects.
+    Raises BadParams naming each problem. The config names the backend but holds none of its
+    settings: it goes to XCom and into rendered task arguments, which every viewer of the run
+    can read, so tasks take the host settings from the deployment when they run.
     """
-    specs = param_specs()
+    params = dict(params or {})
+    specs = deployment.param_specs
+    problems = deployment_key_problems(params)
+    unknown = sorted(set(params) - set(specs) - set(DEPLOYMENT_KEYS) - set(host_setting_names()), key=str)
+    if unknown:
+        problems.append(f"unknown params: {', '.join(map(str, unknown))}")
     merged = {name: spec["default"] for name, spec in specs.items()}
-    merged.update(params or {})
-    problems = _schema_problems(merged)
+    merged.update((k, v) for k, v in params.items() if k in specs)
+    problems += _schema_problems(specs, merged)
 
     members: list[int] = []
     try:
@@ -227,18 +268,6 @@ def resolve_run_config(
     except (layout.BadDate, BadParams, TypeError, ValueError) as exc:
         problems.append(f"date: {exc}")
 
-    host: dict[str, Any] = {}
-    backend = merged["backend"]
-    if backend in BACKEND_NAMES and isinstance(merged.get("host"), dict):
-        from aifs.orchestration.backends.base import get_backend
-
-        try:
-            host = get_backend(backend, merged["host"]).settings
-        except ImportError as exc:
-            problems.append(f"backend: {backend!r} is not available here ({exc})")
-        except ValueError as exc:  # BadSettings
-            problems.append(f"host: {exc}")
-
     if problems:
         raise BadParams("invalid run params:\n  - " + "\n  - ".join(problems))
 
@@ -249,7 +278,8 @@ def resolve_run_config(
         upload_threads=int(merged["upload_threads"]),
         precision=merged["precision"],
         num_chunks=merged["num_chunks"],
-        service_account=merged["service_account"] or None,
+        service_account=deployment.service_account,
+        checkpoint_identity=deployment.checkpoints[merged["checkpoint"]],  # what the worker must find in it
     )
     return {
         "dag_id": dag_id,
@@ -258,10 +288,9 @@ def resolve_run_config(
         "members": members,
         "members_text": format_members(members),
         "bucket": merged["bucket"],
-        "backend": backend,
-        "host": host,
+        "backend": deployment.backend,  # the name only; its settings stay in the deployment
         "worker": worker_settings_to_dict(worker),
-        "gcp_conn_id": merged["gcp_conn_id"],
+        "gcp_conn_id": deployment.gcp_conn_id,
         "input_wait_minutes": float(merged["input_wait_minutes"]),
         "input_poke_seconds": float(merged["input_poke_seconds"]),
     }

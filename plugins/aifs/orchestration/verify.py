@@ -1,18 +1,24 @@
 """Check that a date's members are really in the bucket, by reading the bucket back.
 
-For each member: its completion manifest exists and parses, names this date and member, and
-every object it lists is in the bucket with the recorded size and crc32c. The bucket's own
-crc32c (computed by GCS on upload) is compared, not anything the worker says about itself.
-One listing of the forecasts prefix covers all members; manifests are small single reads.
+For each member, aifs.completeness decides: its completion manifest exists, parses and matches
+the run (date, member, lead time, checkpoint, the exact window list), each window's GRIB message
+count is its steps x output fields, and every object it lists is in the bucket with the recorded
+size and crc32c. The bucket's own crc32c (computed by GCS on upload) is compared, not anything
+the worker says about itself. This is the same definition plan uses, so a member verify fails
+is one the next plan runs again. One listing of the forecasts prefix covers all members;
+manifests are small single reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from aifs import layout
+from typing import Any
+
+from aifs.completeness import RunSpec, check_members
 from aifs.manifest import Manifest
 from aifs.members import member_label
+from aifs.orchestration.storage import storage_request
 
 
 @dataclasses.dataclass
@@ -52,38 +58,14 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_members(client, bucket: str, date: str, members: list[int]) -> VerifyReport:
-    bucket_obj = client.bucket(bucket)
-    in_bucket = {
-        blob.name: (blob.size, blob.crc32c) for blob in client.list_blobs(bucket, prefix=layout.forecast_prefix(date))
-    }
-    manifests = {blob.name: blob for blob in client.list_blobs(bucket, prefix=layout.manifest_prefix(date))}
+def verify_members(client, bucket: str, run: RunSpec, members: list[int]) -> VerifyReport:
+    states = check_members(client.bucket(bucket), run, members, **storage_request())
+    checks = [MemberCheck(s.member, s.problems, s.manifest) for s in states]
+    return VerifyReport(date=run.date, bucket=bucket, checks=checks)
 
-    checks = []
-    for member in members:
-        problems: list[str] = []
-        name = layout.manifest_object(date, member)
-        if name not in manifests:
-            checks.append(MemberCheck(member, ["no completion manifest (the member did not finish)"]))
-            continue
-        try:
-            manifest = Manifest.from_json(bucket_obj.blob(name).download_as_bytes())
-        except Exception as exc:  # any unreadable manifest is the same finding: not complete
-            checks.append(MemberCheck(member, [f"manifest gs://{bucket}/{name} unreadable: {exc}"]))
-            continue
-        if manifest.date != date or manifest.member != member:
-            problems.append(f"manifest is for date {manifest.date} member {manifest.member}")
-        if not manifest.objects:
-            problems.append("manifest lists no objects")
-        for obj in manifest.objects:
-            found = in_bucket.get(obj.name)
-            if found is None:
-                problems.append(f"gs://{bucket}/{obj.name} is missing")
-                continue
-            size, crc32c = found
-            if size != obj.size:
-                problems.append(f"gs://{bucket}/{obj.name} has {size} bytes, manifest says {obj.size}")
-            if crc32c != obj.crc32c:
-                problems.append(f"gs://{bucket}/{obj.name} crc32c {crc32c}, manifest says {obj.crc32c}")
-        checks.append(MemberCheck(member, problems, manifest))
-    return VerifyReport(date=date, bucket=bucket, checks=checks)
+
+def verify_run(client, config: dict[str, Any]) -> VerifyReport:
+    """verify_members for a DAG run's config (check_params), with the run's own expectations."""
+    from aifs.orchestration.plan import run_spec
+
+    return verify_members(client, config["bucket"], run_spec(config), config["members"])

@@ -55,5 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+# Only `python -m aifs.testing` runs it. Airflow's plugin loader, should it ever see this file, imports it
+# under the name "__main__" too (the module name is the file's stem), but with a __spec__ named
+# "__main__": nothing here may run inside an Airflow process (argparse would read Airflow's argv).
+if __name__ == "__main__" and getattr(__spec__, "name", None) == "aifs.testing.__main__":
     sys.exit(main())

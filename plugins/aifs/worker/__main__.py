@@ -48,7 +48,7 @@ def run(opts: WorkerOptions) -> list[MemberResult]:
         if not loaded:
             t = time.perf_counter()
             loaded.append(Model(opts.checkpoint, opts.device, opts.precision, opts.num_chunks))
-            LOG.info("[MODEL] loaded in %.1f s", time.perf_counter() - t)
+            LOG.info("[MODEL] metadata read in %.1f s", time.perf_counter() - t)  # weights: Model.load_weights
         return loaded[0]
 
     results: list[MemberResult] = []
@@ -114,5 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     return int(summarize(opts, run(opts)))
 
 
-if __name__ == "__main__":
+# Only `python -m aifs.worker` runs it. Airflow's plugin loader, should it ever see this file, imports it
+# under the name "__main__" too (the module name is the file's stem), but with a __spec__ named
+# "__main__": nothing here may run inside an Airflow process (argparse would read Airflow's argv).
+if __name__ == "__main__" and getattr(__spec__, "name", None) == "aifs.worker.__main__":
     sys.exit(main())

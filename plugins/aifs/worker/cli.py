@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 from aifs import layout
+from aifs.completeness import is_checkpoint_identity
 from aifs.exitcodes import ExitCode
 from aifs.members import DEFAULT_MEMBERS, BadMembers, parse_members
 
@@ -37,6 +38,8 @@ class WorkerOptions:
     device: str | None
     force: bool
     upload_timeout: float
+    checkpoint_identity: str | None = None  # what the checkpoint must be (aifs.completeness); None: not checked
+    grib_writers: int | None = None  # GRIB writer processes; None: $AIFS_GRIB_WRITERS, else cores - 1 (grib_writers)
 
     def rerun_command(self, members: list[int]) -> str:
         """The exact command that reruns ``members`` with this run's settings (shell-quoted)."""
@@ -49,6 +52,7 @@ class WorkerOptions:
             "--members": format_members(members),
             "--bucket": self.bucket,
             "--checkpoint": self.checkpoint,
+            "--checkpoint-identity": self.checkpoint_identity,
             "--lead-time": self.lead_time,
             "--service-account": self.service_account,
             "--input-dir": self.input_dir if self.input_dir != layout.DEFAULT_INPUT_DIR else None,
@@ -57,6 +61,7 @@ class WorkerOptions:
             "--precision": self.precision,
             "--num-chunks": self.num_chunks,
             "--device": self.device,
+            "--grib-writers": self.grib_writers,
         }
         parts = ["python", "-m", "aifs.worker"]
         for flag, value in flags.items():
@@ -95,10 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint file, or a Hugging Face repo id[:filename] (default: $AIFS_CHECKPOINT, "
         f"else {layout.DEFAULT_CHECKPOINT}; %(default)s here)",
     )
+    p.add_argument(
+        "--checkpoint-identity",
+        default=None,
+        help="what the checkpoint must be, by content: sha256:<hex> of the file or hf:<revision>; a checkpoint "
+        "that is anything else is refused (exit 15). Completion manifests record the loaded checkpoint's identity.",
+    )
     p.add_argument("--lead-time", type=int, default=layout.DEFAULT_LEAD_TIME_HOURS, help="hours (default %(default)s)")
     p.add_argument("--precision", choices=["16", "bf16", "32"], default=None, help="model precision (default: the checkpoint's)")
     p.add_argument("--num-chunks", type=int, default=None, help="ANEMOI_INFERENCE_NUM_CHUNKS: lower GPU memory, slower")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--grib-writers", type=int, default=None,
+        help="processes that encode GRIB in parallel, off the model's process (default: $AIFS_GRIB_WRITERS, else the "
+        "cores this process may use minus one; 0 encodes on a thread of the model's process)",
+    )
     p.add_argument("--force", action="store_true", help="redo members whose completion manifest exists")
     p.add_argument(
         "--upload-timeout", type=float, default=600.0, help="seconds one object may take, retries included (default %(default)s)"
@@ -117,6 +133,15 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
         raise UsageError(f"--lead-time must be a positive number of hours, got {args.lead_time}")
     if args.upload_threads < 1:
         raise UsageError(f"--upload-threads must be at least 1, got {args.upload_threads}")
+    if args.checkpoint_identity is not None and not is_checkpoint_identity(args.checkpoint_identity):
+        raise UsageError(f"--checkpoint-identity must be sha256:<64 hex digits> or hf:<revision>, "
+                         f"got {args.checkpoint_identity!r}")
+    from aifs.worker.grib_writers import writers_setting
+
+    try:
+        writers_setting(args.grib_writers)  # --grib-writers, else $AIFS_GRIB_WRITERS: a bad value is a usage error
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.num_chunks is not None and args.num_chunks < 1:
         raise UsageError(f"--num-chunks must be at least 1, got {args.num_chunks}")
 
@@ -141,4 +166,6 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
         device=args.device,
         force=args.force,
         upload_timeout=args.upload_timeout,
+        checkpoint_identity=args.checkpoint_identity,
+        grib_writers=args.grib_writers,
     )

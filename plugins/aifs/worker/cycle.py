@@ -9,16 +9,18 @@ import os
 import socket
 import time
 
+from aifs.completeness import MemberState, RunSpec, check_member, manifest_problems
 from aifs.exitcodes import ExitCode
 from aifs.layout import WINDOW_HOURS, manifest_object, parse_date, windows
 from aifs.manifest import Manifest
 from aifs.worker import disk, storage
-from aifs.worker.errors import CheckpointFailed, InferenceFailed, MemberError
+from aifs.worker.checkpoint_identity import check_checkpoint
+from aifs.worker.errors import CheckpointFailed, DownloadFailed, InferenceFailed, MemberError
+from aifs.worker.grib_writers import make_grib_writer, writers_setting
 from aifs.worker.model import Model, member_seed, software_versions
-from aifs.worker.safe_pickle import load_input_state
+from aifs.worker.safe_pickle import check_input_size, load_input_state
 from aifs.worker.uploader import WindowUploader
 from aifs.worker.validate import check_input_state
-from aifs.worker.windows import WindowedGribWriter
 
 LOG = logging.getLogger("aifs.worker")
 
@@ -57,6 +59,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _member_state(bucket, run: RunSpec, member: int, deadline: float) -> MemberState:
+    """aifs.completeness.check_member with the worker's request deadline; bucket trouble is a retryable failure."""
+    url = f"gs://{bucket.name}/{manifest_object(run.date, member)}"
+    try:
+        return check_member(bucket, run, member, timeout=storage._timeout(deadline), retry=storage._retry(deadline))
+    except storage.BUCKET_ERRORS as exc:
+        raise DownloadFailed(member, f"could not read the member's completion manifest and objects: {exc}", url) from exc
+
+
 def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
     """Download, validate, forecast, write and upload windows, write the manifest; always clean up.
 
@@ -68,29 +79,49 @@ def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
     timings: dict[str, float] = {}
     try:
         manifest_name = manifest_object(opts.date, member)
-        if storage.object_exists(bucket, manifest_name, opts.upload_timeout):
-            if not opts.force:
-                LOG.info("[SKIP] member %03d: complete (gs://%s/%s exists; --force redoes it)", member, bucket.name,
-                         manifest_name)
+        # complete means complete for THIS run (aifs.completeness): same lead time, checkpoint (by
+        # content), windows, every object verifying; a smoke run's manifest is not a 792 h member
+        identity = check_checkpoint(opts.checkpoint, opts.checkpoint_identity)  # CheckpointFailed: every member
+        run = RunSpec.for_worker(opts.date, opts.lead_time, opts.checkpoint, identity, opts.checkpoint_identity)
+        found = _member_state(bucket, run, member, opts.upload_timeout)
+        if found.has_manifest:
+            if found.complete and not opts.force:
+                LOG.info("[SKIP] member %03d: complete (gs://%s/%s matches this run and every object verifies; "
+                         "--force redoes it)", member, bucket.name, manifest_name)
                 return MemberResult(member, "skipped")
             # withdraw the old manifest before any object is overwritten: a redo that dies half-way
             # must leave the member incomplete, never an old manifest over new, partial windows
             storage.delete_object(bucket, manifest_name, member, opts.upload_timeout)
-            LOG.info("[FORCE] member %03d: removed gs://%s/%s, redoing the member", member, bucket.name, manifest_name)
+            if found.complete:
+                LOG.info("[FORCE] member %03d: removed gs://%s/%s, redoing the member", member, bucket.name, manifest_name)
+            else:
+                LOG.info("[REDO] member %03d: gs://%s/%s does not make it complete for this run (%s): withdrawn, "
+                         "redoing the member", member, bucket.name, manifest_name, "; ".join(found.problems))
 
         # 1. room on disk, then the input
         os.makedirs(opts.input_dir, exist_ok=True)
         os.makedirs(opts.output_dir, exist_ok=True)
         disk.sweep_leftovers(opts.input_dir, opts.output_dir, keep_input_of=member)
         blob = storage.find_input(bucket, opts.date, member, opts.upload_timeout)
-        model: Model = get_model()
+        model: Model = get_model()  # the checkpoint's metadata: what a state holds and may claim; no weights yet
+        budget = model.spec.input_budget()
+        check_input_size(blob.size or 0, budget, member, f"gs://{bucket.name}/{blob.name}")  # before any download
         disk.require_free_space(member, opts.input_dir, opts.output_dir, blob.size, model.spec.window_bytes(WINDOW_HOURS))
         t = time.perf_counter()
         local_input = storage.download_input(blob, member, opts.input_dir, opts.upload_timeout)
         timings["download_s"] = time.perf_counter() - t
 
-        # 2. safe load and check against the checkpoint, before any model time
-        state = check_input_state(load_input_state(local_input, member), model.spec, date, member, local_input)
+        # 2. safe, bounded load and check against the checkpoint's metadata, before the weights
+        t = time.perf_counter()
+        loaded = None
+        try:
+            loaded = load_input_state(local_input, member, budget)
+        finally:
+            timings["unpickle_s"] = time.perf_counter() - t
+            LOG.info("[INPUT] member %03d: %s %s (%d bytes) in %.3f s", member, "unpickled" if loaded is not None
+                     else "refused", local_input, os.path.getsize(local_input), timings["unpickle_s"])
+        state = check_input_state(loaded, model.spec, date, member, local_input)
+        model.load_weights()  # once per process, for the first input that passed; CheckpointFailed: every member
 
         # 3-5. forecast; GRIB windows written on their own thread and uploaded as they close
         seed = member_seed(opts.date, member)
@@ -98,8 +129,9 @@ def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
         LOG.info("[MEMBER] %03d: forecast to +%dh (%d steps, %d windows), seed %d", member, opts.lead_time, steps,
                  len(windows(opts.lead_time)), seed)
         uploader = WindowUploader(bucket, member, opts.upload_threads, opts.upload_timeout)
-        writer = WindowedGribWriter(model=model, date=opts.date, member=member, lead_time=opts.lead_time,
-                                    output_dir=opts.output_dir, uploader=uploader)
+        # GRIB encoded in writer processes (--grib-writers; 0: on a thread of this process)
+        writer = make_grib_writer(writers_setting(opts.grib_writers), model=model, date=opts.date, member=member,
+                                  lead_time=opts.lead_time, output_dir=opts.output_dir, uploader=uploader)
         progress = StepProgress(member, steps)
         t = time.perf_counter()
         try:
@@ -126,10 +158,17 @@ def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
         timings["upload_tail_s"] = uploader.tail_seconds
         timings["wall_s"] = time.perf_counter() - started
 
-        # 6. the manifest is written last: its presence is what "complete" means
+        # 6. the manifest is written last: with it the member is complete (aifs.completeness)
+        fields = len(model.spec.output_variables)  # GRIB messages a step, so verify can count each window's steps
         manifest = Manifest(date=opts.date, member=member, seed=seed, lead_time=opts.lead_time,
-                            checkpoint=opts.checkpoint, objects=objects, versions=software_versions(),
+                            checkpoint=opts.checkpoint, checkpoint_identity=identity,
+                            step_hours=int(model.spec.timestep / dt.timedelta(hours=1)),
+                            objects=[dataclasses.replace(o, fields=fields) for o in objects], versions=software_versions(),
                             timings={k: round(v, 3) for k, v in timings.items()}, host=socket.gethostname())
+        # never publish a manifest that the one definition of complete would refuse (e.g. a short window)
+        wrong = manifest_problems(manifest, run, member)
+        if wrong:
+            raise InferenceFailed(member, "the member's output does not make it complete: " + "; ".join(wrong))
         storage.upload_text(bucket, manifest.to_json(), manifest_name, member, opts.upload_timeout)
         LOG.info("[MANIFEST] gs://%s/%s: %d objects, %.2f GB", bucket.name, manifest_name, len(objects),
                  manifest.total_bytes / 1e9)

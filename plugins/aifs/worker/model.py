@@ -3,6 +3,11 @@
 Everything the worker needs to know about the model (input variables, grid, time levels,
 time step, output fields) is read from the checkpoint's metadata, so a checkpoint the worker
 has never seen works the same way as the one it was tested with.
+
+The metadata is read first, without torch and without the weights (anemoi keeps it in a small
+JSON entry of the checkpoint zip): it sizes the input budget and validates inputs. The weights
+load once per process, when the first input that passed validation needs them, so a bad input
+never costs a model load or GPU memory.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import time
 from importlib import metadata as importlib_metadata
 from typing import Any, Iterator
 
 from aifs.layout import DEFAULT_CHECKPOINT
 from aifs.worker.errors import CheckpointFailed
+from aifs.worker.safe_pickle import InputBudget
 
 LOG = logging.getLogger("aifs.worker")
 
@@ -25,6 +32,11 @@ LOG = logging.getLogger("aifs.worker")
 KNOWN_HF_CHECKPOINTS = {"ecmwf/aifs-ens-1.0": "aifs-ens-crps-1.0.ckpt"}
 #: Bytes a GRIB value takes (16-bit packing) plus headroom for headers/bitmaps, for disk estimates.
 GRIB_BYTES_PER_VALUE = 2.2
+#: An input state may claim this many times its float64 size (variables x time levels x grid points
+#: x 8 bytes), plus INPUT_SLACK_BYTES: room for extra fields (coordinates, variables the model does
+#: not read) and for protocol-2 pickles, which hold each array as text and as bytes while loading.
+INPUT_MARGIN = 3
+INPUT_SLACK_BYTES = 64 << 20
 
 
 def resolve_checkpoint(text: str) -> str | dict[str, Any]:
@@ -53,39 +65,75 @@ class ModelSpec:
     time_levels: int
     timestep: dt.timedelta
 
+    def input_budget(self) -> InputBudget:
+        """The most memory an input state for this checkpoint may claim while it is unpickled."""
+        values = len(self.input_variables) * self.time_levels * self.grid_points
+        return InputBudget(
+            values * 8 * INPUT_MARGIN + INPUT_SLACK_BYTES,
+            f"{len(self.input_variables)} variables x {self.time_levels} time levels x {self.grid_points} grid points "
+            f"x 8 bytes, x{INPUT_MARGIN} + {INPUT_SLACK_BYTES >> 20} MiB, from the checkpoint's metadata",
+        )
+
     def window_bytes(self, window_hours: int) -> int:
         steps = max(1, int(dt.timedelta(hours=window_hours) / self.timestep))
         return int(len(self.output_variables) * self.grid_points * GRIB_BYTES_PER_VALUE * steps)
 
 
 class Model:
-    """One runner, one model load, many members."""
+    """One checkpoint: its metadata at once, its weights on first use; one model load, many members."""
 
     def __init__(self, checkpoint: str, device: str | None, precision: str | None, num_chunks: int | None):
         if num_chunks:
             # read by anemoi-models at import time: must be set before the checkpoint is unpickled
             os.environ["ANEMOI_INFERENCE_NUM_CHUNKS"] = str(num_chunks)
         self.checkpoint_name = checkpoint
+        self._device, self._precision = device, precision
+        self._runner = None
         source = resolve_checkpoint(checkpoint)
+        try:
+            from anemoi.inference.checkpoint import Checkpoint
+
+            # anemoi.utils.checkpoints.load_metadata under the hood: the metadata entry of the zip, no torch
+            self._checkpoint = Checkpoint(source)
+            (self.metadata,) = self._checkpoint.multi_dataset_metadata.values()
+            self.spec = self._spec()
+        except CheckpointFailed:
+            raise
+        except Exception as exc:  # a missing file, a zip without anemoi metadata, a download that failed
+            raise CheckpointFailed(f"could not read the metadata of checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
+        LOG.info(
+            "[MODEL] %s: %d input variables, %d output fields a step, %d grid points, step %s "
+            "(metadata; the weights load for the first valid input)",
+            checkpoint, len(self.spec.input_variables), len(self.spec.output_variables), self.spec.grid_points,
+            self.spec.timestep,
+        )
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._runner is not None
+
+    def load_weights(self) -> None:
+        """Build the runner and load the weights, once; CheckpointFailed if they cannot be loaded."""
+        if self._runner is not None:
+            return
+        started = time.perf_counter()
         try:
             import torch
             from anemoi.inference.runners.simple import SimpleRunner
 
-            if device is None:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.runner = SimpleRunner(source, device=device, precision=precision)
-            (self.metadata,) = self.runner.checkpoint.multi_dataset_metadata.values()
-            self.spec = self._spec()
-            LOG.info(
-                "[MODEL] %s on %s: %d input variables, %d output fields a step, %d grid points, step %s",
-                checkpoint, device, len(self.spec.input_variables), len(self.spec.output_variables),
-                self.spec.grid_points, self.spec.timestep,
-            )
-            _ = self.runner.model  # load the weights now: a bad checkpoint fails before any member starts
-        except CheckpointFailed:
-            raise
+            device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+            runner = SimpleRunner(self._checkpoint.path, device=device, precision=self._precision)
+            _ = runner.model  # load the weights now: a bad checkpoint fails before this member's forecast starts
+            (metadata,) = runner.checkpoint.multi_dataset_metadata.values()
         except Exception as exc:  # torch/anemoi raise many kinds; all mean the same to the DAG
-            raise CheckpointFailed(f"could not load checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
+            raise CheckpointFailed(f"could not load checkpoint {self.checkpoint_name}: {type(exc).__name__}: {exc}") from exc
+        self._runner, self.metadata = runner, metadata  # the runner's own metadata object, for its outputs
+        LOG.info("[MODEL] weights of %s loaded on %s in %.1f s", self.checkpoint_name, device, time.perf_counter() - started)
+
+    @property
+    def runner(self):
+        self.load_weights()
+        return self._runner
 
     def _spec(self) -> ModelSpec:
         md = self.metadata
@@ -102,9 +150,10 @@ class Model:
         """Yield one state per step. The runner reuses one dict between steps: copy what you keep."""
         import torch
 
+        runner = self.runner  # loads the weights if nobody has yet
         torch.manual_seed(seed)  # seeds every device; the ensemble noise comes from torch's RNG
-        self.runner.reference_date = state["date"]  # the runner keeps the first run's date otherwise
-        yield from self.runner.run(input_states=state, lead_time=lead_time_hours)
+        runner.reference_date = state["date"]  # the runner keeps the first run's date otherwise
+        yield from runner.run(input_states=state, lead_time=lead_time_hours)
 
     def accumulator(self):
         """A fresh accumulate-from-start post-processor (one per member, applied before windowing)."""

@@ -62,10 +62,16 @@ class WindowUploader:
         self.upload_seconds = 0.0  # from a window's opening to its object verified, summed
         self.tail_seconds = 0.0  # from a window's closing to its object verified, summed: what streaming leaves
 
-    def open_window(self, local: str, name: str, window: Window) -> WindowUpload:
-        """Wait for a disk slot, then start streaming ``local`` (not written yet) to ``name``."""
+    def open_window(self, local: str, name: str, window: Window, interrupt=None) -> WindowUpload:
+        """Wait for a disk slot, then start streaming ``local`` (not written yet) to ``name``.
+
+        ``interrupt`` (optional) is called while waiting and may raise: a GRIB writer process that
+        died holding the step a window needs would otherwise leave the slot taken for ever.
+        """
         while not self._slots.acquire(timeout=0.5):
             self.raise_if_failed()
+            if interrupt is not None:
+                interrupt()
         try:  # the window is written from scratch: never stream a stale file left under its name
             os.remove(local)
         except FileNotFoundError:

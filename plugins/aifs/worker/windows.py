@@ -1,5 +1,8 @@
 """GRIB in 72 h windows, written on a thread of its own so GRIB encoding overlaps the model.
 
+This is the single in-process writer (``--grib-writers 0``); ``grib_writers.ParallelGribWriter``
+keeps this thread as its one ordered stage and encodes in writer processes instead.
+
 The runner yields one state per step; the model thread copies it (the runner reuses its dict)
 and queues it. The writer thread applies the accumulation post-processor once, in step order
 (per-window accumulators would restart sums but still label them from step 0), routes each step
@@ -103,6 +106,9 @@ class WindowedGribWriter:
         """Flush the last window; raise if any window could not be written."""
         self._queue.put(_DONE)
         self._thread.join()
+        self._check_windows()
+
+    def _check_windows(self) -> None:
         self._raise_if_failed()
         if self.closed_windows != self.expected_windows:
             got = ", ".join(f"{w.start}-{w.end}" for w in self.closed_windows) or "none"
@@ -140,13 +146,18 @@ class WindowedGribWriter:
                 if item is _DONE or self._error is not None:
                     break
                 self._write(item)
-            if self._error is None and self._output is not None:
-                self._close_window()
+            if self._error is None:
+                self._flush()
         except MemberError as exc:
             self._error = exc
         except BaseException as exc:  # surfaced to the model thread, never lost on this thread
             self._error = InferenceFailed(self.member, f"GRIB writing failed: {type(exc).__name__}: {exc}")
             LOG.exception("GRIB writer for member %03d failed", self.member)
+
+    def _flush(self) -> None:
+        """The last step was written: close the last window."""
+        if self._output is not None:
+            self._close_window()
 
     def _write(self, state: dict) -> None:
         import time

@@ -147,3 +147,22 @@ def wait_pgid_gone(pgid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"process group {pgid} still alive after {timeout} s")
+
+
+def job_spans(times: Path) -> list[tuple[float, float | None, str]]:
+    """(start, end or None, args) of each fake-worker process, from the times it recorded itself."""
+    starts: dict[str, tuple[float, str]] = {}
+    ends: dict[str, float] = {}
+    for line in (times.read_text().splitlines() if times.exists() else []):
+        what, when, pid, *args = line.split()
+        if what == "start":
+            starts[pid] = (float(when), " ".join(args))
+        else:
+            ends[pid] = float(when)
+    return sorted((start, ends.get(pid), args) for pid, (start, args) in starts.items())
+
+
+def assert_no_overlap(spans: list[tuple[float, float | None, str]]) -> None:
+    assert all(end is not None for _, end, _ in spans), f"a job never ended: {spans}"
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        assert start >= end, f"two jobs held the GPU at once: {first!r} until {end}, {second!r} from {start}"

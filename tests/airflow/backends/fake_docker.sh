@@ -15,7 +15,7 @@ case "$verb" in
         --name) name=$2; shift 2 ;;
         -e) envs+=("$2"); shift 2 ;;
         --entrypoint) entry=$2; shift 2 ;;
-        --gpus|-v|--label) shift 2 ;;
+        --gpus|-v|--label|--shm-size) shift 2 ;;
         -*) shift ;;
         *) break ;;
       esac

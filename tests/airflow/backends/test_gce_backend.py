@@ -14,7 +14,6 @@ from unittest import mock
 import pytest
 
 from aifs import hostcontract
-from aifs.hostcontract import job_name
 from aifs.orchestration.backends import RunInfo, WorkerSettings, get_backend, remote_job
 from aifs.orchestration.backends.base import BadSettings
 from aifs.orchestration.backends.gce import GCEBackend, HostGone
@@ -25,7 +24,7 @@ PROJECT, ZONE = "ens-project", "us-central1-a"
 SA = "aifs-gpu@ens-project.iam.gserviceaccount.com"
 IMAGE = "us-docker.pkg.dev/ens-project/aifs/worker:1.0"
 RUN = RunInfo(dag_id="aifs_ens_forecast", run_id="scheduled__2025-06-01T00:00:00+00:00", date="20250601_0000")
-VM = "aifs-ens-20250601-0000"
+VM = "aifs-ens-20250601-0000-9bf55e"  # date and the run's hash: one VM per DAG run
 WORKER = WorkerSettings(bucket="ens-bucket", checkpoint="/scratch/aifs-ens-1.0.ckpt", precision="16", num_chunks=16)
 STARTUP = "#!/bin/bash\n# test startup script\ntouch /var/lib/aifs/ready\n"
 
@@ -89,6 +88,7 @@ def test_create_sends_the_exact_insert_request_and_is_idempotent(no_ssh):
             "dag": "aifs_ens_forecast",
             "run": "scheduled__2025-06-01t00-00-00-00-00",
             "date": "20250601-0000",
+            "run-hash": "9bf55e",  # with the date: which run owns the VM
             "team": "ai-quest",
         },
     }
@@ -197,20 +197,20 @@ def test_members_reach_the_vm_over_compute_engine_ssh_os_login_and_iap():
 
 def test_the_rendered_remote_command_runs_the_worker_container_detached():
     backend = gce(env={"ANEMOI_INFERENCE_NUM_CHUNKS": "16"})
-    name = job_name(RUN.date, 3)
+    name = RUN.job_name(3)
     script = remote_job.job_script(backend.settings, name, WORKER.worker_args(RUN.date, 3))
     run_line = next(line for line in script.splitlines() if line.strip().startswith("docker run"))
     assert run_line.endswith(" >/dev/null || exit $?")
     assert shlex.split(run_line.removesuffix(" >/dev/null || exit $?")) == [
-        "docker", "run", "-d", "--name", "aifs-20250601-0000-m003", "--label", "aifs-job=aifs-20250601-0000-m003",
-        "--gpus", "all", "-v", "/scratch:/scratch", "-e", "ANEMOI_INFERENCE_NUM_CHUNKS=16",
+        "docker", "run", "-d", "--name", "aifs-20250601-0000-9bf55e-m003", "--label", "aifs-job=aifs-20250601-0000-9bf55e-m003",
+        "--gpus", "all", "--shm-size", "16g", "-v", "/scratch:/scratch", "-e", "ANEMOI_INFERENCE_NUM_CHUNKS=16",
         "--entrypoint", "python", IMAGE, "-m", "aifs.worker",
         "--date", "20250601_0000", "--members", "3", "--bucket", "ens-bucket",
         "--checkpoint", "/scratch/aifs-ens-1.0.ckpt", "--lead-time", "792", "--upload-threads", "5",
         "--precision", "16", "--num-chunks", "16",
     ]
-    assert "docker wait aifs-20250601-0000-m003" in script
-    assert "docker container inspect aifs-20250601-0000-m003" in script  # adopt, never a second copy
+    assert "docker wait aifs-20250601-0000-9bf55e-m003" in script
+    assert "docker container inspect aifs-20250601-0000-9bf55e-m003" in script  # adopt, never a second copy
     # the host-side commands run as root via sudo (OS Login users have passwordless sudo)
     command = remote_job.remote_command(remote_job.ENSURE_SH, [hostcontract.JOBS_DIR, name], sudo=True)
     assert command.startswith("sudo -n bash -c ")
@@ -254,7 +254,7 @@ def test_reclaimed_vm_is_recreated_by_the_retry_and_the_member_completes(sshd, t
         env={"FAKE_RUNS": str(runs), "FAKE_STEPS": "10", "FAKE_SLEEP": "0.2"},
     )
     monkeypatch.setattr(backend, "_connect", lambda run: open_ssh_client(SSHHook(ssh_conn_id=SSH_CONN_ID, cmd_timeout=None), 30))
-    job = JobDir(disk / "jobs" / job_name(RUN.date, 5))
+    job = JobDir(disk / "jobs" / RUN.job_name(5))
 
     with fake.patched():
         backend.create_host(RUN, Log())  # setup task

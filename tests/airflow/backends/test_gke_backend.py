@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from unittest import mock
 
@@ -27,7 +28,7 @@ def context(map_index=6, try_number=1):
 
 
 def render(backend, member=7, **ctx):
-    op = backend.pod_operator(RUN, member, WORKER)
+    op = backend.pod_operator(RUN, member, WORKER, timeout_s=4 * 3600)
     op.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False)  # no cluster to ask here
     return op, op.build_pod_request_obj(context(**ctx))
 
@@ -38,10 +39,10 @@ def test_member_pod_spec_field_by_field():
     op, pod = render(backend)
 
     assert pod.metadata.namespace == "aifs"
-    assert pod.metadata.name.startswith("aifs-20250601-0000-m007-")  # job name + random suffix
+    assert pod.metadata.name.startswith("aifs-20250601-0000-9bf55e-m007-")  # job name (date, run hash) + random suffix
     labels = pod.metadata.labels
-    assert {k: labels[k] for k in ("app", "aifs-date", "aifs-member", "dag_id", "task_id", "map_index", "try_number")} == {
-        "app": "aifs-ens", "aifs-date": "20250601-0000", "aifs-member": "007", "dag_id": "aifs_ens_forecast",
+    assert {k: labels[k] for k in ("app", "aifs-date", "aifs-run", "aifs-member", "dag_id", "task_id", "map_index", "try_number")} == {
+        "app": "aifs-ens", "aifs-date": "20250601-0000", "aifs-run": "9bf55e", "aifs-member": "007", "dag_id": "aifs_ens_forecast",
         "task_id": "run_member", "map_index": "6", "try_number": "1",
     }  # the task-instance labels are what a retry's re-attach searches for
 
@@ -53,8 +54,11 @@ def test_member_pod_spec_field_by_field():
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "value": None, "toleration_seconds": None}
     ]
     assert spec.service_account_name == "aifs-worker"
-    assert spec.active_deadline_seconds == 4 * 3600
-    assert [v.to_dict()["empty_dir"] for v in spec.volumes] == [{"medium": None, "size_limit": "80Gi"}]
+    assert spec.active_deadline_seconds == 4 * 3600  # the deployment's member_timeout, counted by Kubernetes from the pod's start
+    assert [v.to_dict()["empty_dir"] for v in spec.volumes] == [
+        {"medium": None, "size_limit": "80Gi"},
+        {"medium": "Memory", "size_limit": "16Gi"},  # /dev/shm for the GRIB writers' step ring
+    ]
 
     (container,) = spec.containers
     assert container.name == "base"
@@ -67,7 +71,7 @@ def test_member_pod_spec_field_by_field():
     assert [(e.name, e.value) for e in container.env] == [("GOOGLE_CLOUD_PROJECT", "ens-project")]
     assert container.resources.limits == {"memory": "160Gi", "nvidia.com/gpu": "1"}
     assert container.resources.requests == {"cpu": "11", "memory": "160Gi", "ephemeral-storage": "80Gi", "nvidia.com/gpu": "1"}
-    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("scratch", "/scratch")]
+    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("scratch", "/scratch"), ("dshm", "/dev/shm")]
 
 
 def test_operator_reattaches_streams_logs_and_deletes_pods():
@@ -141,3 +145,75 @@ def test_run_member_returns_the_worker_exit_code():
             mock.patch.object(member_pod_operator_class(), "execute", execute):
         assert backend.run_member(RUN, 7, WORKER, log.append) == 10
     assert log[-1] == "[aifs] member 007 pod finished with exit code 10"
+
+
+# -- the DAG's gke member task: the provider's pod operator itself, mapped ---------------------------
+
+
+def gke_member_task(backend, **kwargs):
+    from aifs.orchestration.member_task import gke_run_member_operator_class
+
+    class Op(gke_run_member_operator_class()):
+        def make_backend(self, config=None):
+            return backend
+
+    config = {"dag_id": RUN.dag_id, "run_id": RUN.run_id, "date": RUN.date, "backend": "gke", "members": [7],
+              "checkpoint": WORKER.checkpoint, "worker": dataclasses.asdict(WORKER)}
+    return Op(task_id="run_member", config=config, member=7, member_timeout_s=3 * 3600, **kwargs)
+
+
+def test_the_member_task_is_the_providers_pod_operator_and_its_on_kill_deletes_the_pod():
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartPodOperator
+
+    op = gke_member_task(gke(namespace="aifs"))
+    assert isinstance(op, GKEStartPodOperator)
+    assert type(op).on_kill is KubernetesPodOperator.on_kill  # killing the task is the provider's business
+    assert str(op.on_kill_action.value) == "delete_pod"
+    op.__dict__["client"] = client = mock.MagicMock()
+    op.pod = finished_pod("Running", None)
+    op.on_kill()
+    client.delete_namespaced_pod.assert_called_once_with(name="aifs-20250601-0000-m007-abc", namespace="default")
+
+
+def test_the_member_task_sends_the_exact_pod_request_and_maps_the_exit_code():
+    op = gke_member_task(gke(namespace="aifs"))
+    op.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False)
+    sent = []
+
+    def provider_execute(self, ctx):  # the provider's execute, down to the pod it would create
+        sent.append(self.build_pod_request_obj(ctx))
+        self.__dict__["client"] = mock.MagicMock()
+        pod = finished_pod("Failed", 13)
+        self.cleanup(pod=pod, remote_pod=pod, context=ctx)
+
+    pushed = {}
+    ti = types.SimpleNamespace(dag_id=RUN.dag_id, task_id="run_member", map_index=6, try_number=1,
+                               xcom_pull=lambda **kw: None, xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    ctx = {"ti": ti, "run_id": RUN.run_id, "dag": types.SimpleNamespace(dag_id=RUN.dag_id)}
+    from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartPodOperator
+
+    with mock.patch.object(GKEStartPodOperator, "execute", provider_execute):
+        with pytest.raises(Exception, match="exit 13"):
+            op.execute(ctx)
+    (pod,) = sent
+    assert pod.metadata.name.startswith("aifs-20250601-0000-9bf55e-m007-") and pod.metadata.namespace == "aifs"
+    assert pod.metadata.labels["aifs-run"] == "9bf55e" and pod.metadata.labels["map_index"] == "6"
+    assert pod.spec.active_deadline_seconds == 3 * 3600
+    assert pod.spec.containers[0].args == ["-m", "aifs.worker", *WORKER.worker_args(RUN.date, 7)]
+    assert pushed["outcome"]["exit_code"] == 13
+
+
+def test_a_member_of_a_run_whose_checkpoint_failed_starts_no_pod():
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    op = gke_member_task(gke())
+    failed = {"member": 1, "map_index": 0, "checkpoint": WORKER.checkpoint, "run_id": RUN.run_id}
+    ti = types.SimpleNamespace(map_index=6, try_number=1, xcom_pull=lambda **kw: [None, failed] if kw.get("key") == "checkpoint_failed" else None,
+                               xcom_push=mock.MagicMock())
+    from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartPodOperator
+
+    with mock.patch.object(GKEStartPodOperator, "execute") as provider_execute:
+        with pytest.raises(AirflowSkipException, match="member 001 of this run .* could not load the checkpoint"):
+            op.execute({"ti": ti})
+    provider_execute.assert_not_called()

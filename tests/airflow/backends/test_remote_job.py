@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from aifs.hostcontract import job_name
 from aifs.orchestration.backends import RunInfo, WorkerSettings, get_backend
 from aifs.orchestration.backends import remote_job
 from .backend_helpers import FAKE_DOCKER, FAKE_WORKER, SSH_CONN_ID, JobDir, runs_of, wait_pgid_gone
@@ -57,7 +56,7 @@ def env(sshd, tmp_path):
 
     make.jobs = jobs
     make.runs = runs
-    make.job = JobDir(jobs / job_name(RUN.date, MEMBER))
+    make.job = JobDir(jobs / RUN.job_name(MEMBER))
     yield make
     for pid_file in jobs.glob("*/pid"):  # never leave a test's job running
         try:
@@ -90,7 +89,8 @@ def test_member_streams_log_and_returns_exit_code(env, log):
     assert env.job.exit_code() == 0
     assert (env.job.path / "reported").exists()
     # the job's name is the contract's, so a person on the host finds it
-    assert env.job.path.name == "aifs-20250601-0000-m007"
+    assert env.job.path.name == "aifs-20250601-0000-b2d715-m007"  # date, run hash, member
+    assert (env.job.path / "args").read_text() == expected_args.replace(" ", "\n") + "\n"  # what adoption is checked against
 
 
 def test_failed_member_code_is_returned_and_the_retry_relaunches(env, log):
@@ -170,12 +170,14 @@ def test_two_sessions_racing_for_one_member_start_one_job(env):
 
 
 def test_member_timeout_stops_the_job(env, log):
-    backend = env(fake={"FAKE_STEPS": 200, "FAKE_SLEEP": 0.1}, member_timeout=1.5)
+    backend = env(fake={"FAKE_STEPS": 200, "FAKE_SLEEP": 0.1})
     started = time.monotonic()
     with pytest.raises(remote_job.MemberTimeout, match="member_timeout"):
-        backend.run_member(RUN, MEMBER, WORKER, log)
+        backend.run_member(RUN, MEMBER, WORKER, log, timeout_s=1.5)
     assert time.monotonic() - started < 15
-    assert env.job.exit_code() == 143  # SIGTERM reached the worker; the runner recorded it
+    assert env.job.exit_code() == 124  # the host's timeout stopped the worker; the runner recorded it
+    assert (env.job.path / "timedout").exists()
+    assert any("stopped by the host at its deadline" in line for line in log)
     wait_pgid_gone(env.job.pgid())
     # the stopped result counts as reported: a retry starts the member again
     backend2 = env(fake={"FAKE_STEPS": 1})
@@ -236,9 +238,9 @@ def test_container_launch_runs_the_worker_detached_and_returns_its_code(env, doc
     assert backend.run_member(RUN, MEMBER, WORKER, log) == 12
     assert "step 2" in log and "fake worker done, exit 12" in log
     calls = (docker.state / "calls").read_text().splitlines()
-    name = job_name(RUN.date, MEMBER)
+    name = RUN.job_name(MEMBER)
     run_call = next(c for c in calls if c.startswith("run "))
-    assert run_call.startswith(f"run -d --name {name} --label aifs-job={name} --gpus all -v /scratch:/scratch -e FAKE_EXIT=12")
+    assert run_call.startswith(f"run -d --name {name} --label aifs-job={name} --gpus all --shm-size 16g -v /scratch:/scratch -e FAKE_EXIT=12")
     assert f"--entrypoint {FAKE_WORKER} worker:test -m aifs.worker --date 20250601_0000 --members 7" in run_call
     assert calls[-1] == f"rm {name}"  # the container is removed once its status is recorded
     assert len(runs_of(env.runs)) == 1

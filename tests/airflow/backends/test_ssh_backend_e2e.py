@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from aifs import layout
-from aifs.hostcontract import job_name
 from aifs.orchestration.backends import RunInfo, WorkerSettings, get_backend, remote_job
 from .backend_helpers import SSH_CONN_ID, JobDir, Log, need
 
@@ -71,7 +70,7 @@ def backend_and_worker(world, member: int, **overrides):
     settings.update(overrides)
     worker = WorkerSettings(bucket=BUCKET, checkpoint=world["ckpt"], lead_time=LEAD, upload_threads=2,
                             input_dir=str(scratch / "input"), output_dir=str(scratch / "output"))
-    return get_backend("ssh", settings), worker, JobDir(world["root"] / "jobs" / job_name(DATE, member))
+    return get_backend("ssh", settings), worker, JobDir(world["root"] / "jobs" / RUN.job_name(member))
 
 
 def assert_member_complete(world, member: int) -> None:

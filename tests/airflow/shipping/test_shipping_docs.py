@@ -26,7 +26,7 @@ def test_gpu_presets_and_host_settings_match_the_gce_backend():
     for gpu, machine in GPU_MACHINE_TYPES.items():
         assert re.search(rf"\(`{gpu}`\) \| {machine} ", COST), f"cost.md has no row for {gpu} on {machine}"
     # every key of the documented host JSON is a setting of the gce backend
-    host = re.search(r'"host": \{(.*?)\n  \}', GUIDE, flags=re.DOTALL).group(1)
+    host = re.search(r'AIFS_ENS_HOST: \|\n  \{(.*?)\n  \}', GUIDE, flags=re.DOTALL).group(1)
     keys = set(re.findall(r'"([a-z_]+)":', host))
     properties = GCEBackend.SETTINGS_SCHEMA["properties"]
     assert keys <= set(properties), keys - set(properties)

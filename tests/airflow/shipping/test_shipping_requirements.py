@@ -1,13 +1,16 @@
-"""requirements.txt is exactly what a Composer environment needs for the DAG, and enough.
+"""requirements.txt is what a Composer environment needs for the DAG, enough, and acceptable to Composer.
+
+requirements.txt states floors (Composer keeps its own provider versions and applies the list whole
+or not at all); requirements-airflow-local.txt pins the exact set the tests run with.
 
 Proving "the DAG parses with requirements.txt alone" by installing Airflow and the providers into
 a fresh virtualenv costs 2-5 minutes and the network on every run (the resolve alone took 2m11s
 here), so the fast test builds that environment from what is already installed instead:
 
 1. the Airflow environment running these tests was built by ``pip install -r
-   requirements-airflow-local.txt`` (= the Composer Airflow pin + ``-r requirements.txt``) plus the
-   test tools; the test first checks that every pin of requirements.txt is installed at exactly
-   its version here;
+   requirements-airflow-local.txt`` (= the Composer Airflow pin + ``-r requirements.txt`` + the
+   exact tested provider pins) plus the test tools; the test first checks that every pin of that
+   file is installed at exactly its version here (so every floor of requirements.txt holds);
 2. it walks the installed metadata (Requires-Dist, markers, extras) from those roots to the full
    dependency closure, failing on any requirement the environment cannot satisfy;
 3. it lays out a site directory holding only that closure: each installed file, by its
@@ -20,10 +23,15 @@ here), so the fast test builds that environment from what is already installed i
    proves torch, anemoi and the test tools are not importable, and parses
    dags/aifs_ens_forecast.py with Airflow's DagBag: no import errors, the DAG is there.
 
+That Composer accepts requirements.txt is checked by asking pip (``--dry-run``, the registry only)
+to install it on top of the tested Airflow with Composer-style preinstalled providers at other
+versions than ours, held by a constraints file (``test_requirements_install_over_*``; the same
+command the operator's guide gives for checking a new Composer image).
+
 What this does not prove: that PyPI would resolve the same versions today (the pins make that
 likely, and ``AIFS_TEST_RESOLVE=1`` runs the slow check that asks pip to resolve
-requirements.txt + Airflow afresh and compares), nor that Composer's preinstalled packages accept
-the pins (that is checked when the environment is updated; see docs/operators-guide.md).
+requirements-airflow-local.txt afresh and compares), nor that the code works with every provider
+version its floors admit (the floors are where its APIs appeared; the tests run the pinned set).
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ import importlib.metadata as md
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -61,10 +71,14 @@ def requirement_lines(path: Path) -> list[str]:
     return lines
 
 
+def local_pins() -> list[Requirement]:
+    """requirements-airflow-local.txt without its ``-r requirements.txt``: Airflow and the tested providers."""
+    return [Requirement(x) for x in requirement_lines(REPO / "requirements-airflow-local.txt") if not x.startswith("-")]
+
+
 def composer_roots() -> list[Requirement]:
     """What a Composer environment has: its Airflow (the pin we test) plus requirements.txt."""
-    local = requirement_lines(REPO / "requirements-airflow-local.txt")
-    airflow = [Requirement(x) for x in local if not x.startswith("-")]
+    airflow = [r for r in local_pins() if canonicalize_name(r.name) == "apache-airflow"]
     return airflow + [Requirement(x) for x in requirement_lines(REPO / "requirements.txt")]
 
 
@@ -175,25 +189,40 @@ def build_site(target: Path, allowed: set[str], dists: dict[str, md.Distribution
 # -- the fast checks --------------------------------------------------------------------------------
 
 
-def test_requirements_are_exact_pins_without_the_worker_stack():
+def test_requirements_are_floors_and_the_local_file_pins_the_tested_set():
     lines = requirement_lines(REPO / "requirements.txt")
     assert lines, "requirements.txt is empty"
+    floors = {}
     for line in lines:
         req = Requirement(line)
-        spec = list(req.specifier)
-        assert len(spec) == 1 and spec[0].operator == "==", f"{line}: Composer gets exact pins (name==version)"
+        ops = sorted(s.operator for s in req.specifier)
+        # an exact pin of a package Composer preinstalls at another version blocks the whole update
+        assert ops in ([">="], ["<", ">="]), f"{line}: Composer gets floors (name>=version, optionally <next major)"
+        assert not req.extras and req.marker is None, line
         assert canonicalize_name(req.name) not in WORKER_ONLY, f"{line}: the worker stack does not belong in Composer"
-    # the local Airflow environment is the Composer pin plus requirements.txt, nothing else
+        floors[canonicalize_name(req.name)] = req
+    # the local Airflow environment: the Composer Airflow pin, requirements.txt, and the exact tested
+    # version of each of its packages (plus providers Airflow itself needs, pinned as tested)
     local = requirement_lines(REPO / "requirements-airflow-local.txt")
-    assert sorted(local) == sorted(["-r requirements.txt", next(x for x in local if x.startswith("apache-airflow=="))])
+    assert [x for x in local if x.startswith("-")] == ["-r requirements.txt"]
+    pins = {canonicalize_name(r.name): r for r in local_pins()}
+    for name, req in pins.items():
+        spec = list(req.specifier)
+        assert len(spec) == 1 and spec[0].operator == "==", f"{req}: the local file pins exact versions"
+        assert name == "apache-airflow" or name.startswith("apache-airflow-providers-"), f"{req}: not Airflow or a provider"
+    assert "apache-airflow" in pins
+    for name, floor in floors.items():
+        assert name in pins, f"{name}: requirements-airflow-local.txt must pin the version the tests run with"
+        tested = next(iter(pins[name].specifier)).version
+        assert floor.specifier.contains(tested), f"{floor} excludes the tested {name}=={tested}"
 
 
-def test_this_environment_has_requirements_txt_exactly():
+def test_this_environment_has_the_tested_set_exactly():
     dists = installed()
-    for req in composer_roots():
+    for req in local_pins() + composer_roots():
         dist = dists.get(canonicalize_name(req.name))
         assert dist is not None, f"{req} is not installed: rebuild the Airflow environment (make env)"
-        assert req.specifier.contains(dist.version), f"{req} pinned, {dist.version} installed: rebuild (make env)"
+        assert req.specifier.contains(dist.version), f"{req} required, {dist.version} installed: rebuild (make env)"
 
 
 def test_every_pin_is_used():
@@ -206,6 +235,9 @@ def test_every_pin_is_used():
     for line in requirement_lines(REPO / "requirements.txt"):
         name = canonicalize_name(Requirement(line).name)
         assert name in used or name in airflow_deps, f"{line}: nothing in plugins/ or dags/ imports it; drop it"
+    for req in local_pins():  # the tested set pins nothing else either
+        name = canonicalize_name(req.name)
+        assert name == "apache-airflow" or name in used or name in airflow_deps, f"{req}: neither used nor part of Airflow"
     pinned = {canonicalize_name(Requirement(x).name) for x in requirement_lines(REPO / "requirements.txt")}
     missing = sorted(used - pinned - airflow_deps)
     assert not missing, f"the code imports providers that requirements.txt does not pin: {missing}"
@@ -276,15 +308,88 @@ print("RESULT " + json.dumps({{"leaks": leaks, "importable": importable, "heavy"
     assert result["unimportable"] == [], "\n".join(result["unimportable"])
 
 
+# -- Composer accepts requirements.txt: pip against preinstalled providers (the registry, ~20 s) ------
+
+#: Composer-style environments: Airflow as tested, its providers preinstalled at versions other than
+#: the tested set (real PyPI releases), which pip may not move. "older-image": what an image built a
+#: few months before our pins could hold; "at-the-floors": every floor of requirements.txt itself.
+COMPOSER_STYLE_IMAGES = {
+    "older-image": {
+        "apache-airflow-providers-google": "21.1.0",
+        "apache-airflow-providers-cncf-kubernetes": "10.22.0",
+        "apache-airflow-providers-ssh": "6.1.0",
+        "apache-airflow-providers-apprise": "2.3.4",
+        "apache-airflow-providers-standard": "1.20.0",
+    },
+    "at-the-floors": None,  # filled from requirements.txt
+}
+#: pip settings that reach the registry; the rest of this machine's pip configuration (find-links,
+#: global constraints, extra indexes) is left out so the check asks only PyPI.
+PIP_REGISTRY_ENV = ("PIP_INDEX_URL", "PIP_CERT", "PIP_CLIENT_CERT", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT")
+
+
+def guide_check_command() -> list[str]:
+    """The operator's guide's command for checking an image: ``pip install --dry-run -c <image list> ...``."""
+    guide = (REPO / "docs" / "operators-guide.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", guide, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for i, word in enumerate(words):
+                if Path(word).name == "pip" and words[i + 1:i + 3] == ["install", "--dry-run"]:
+                    return words[i + 1:]
+    raise AssertionError("the operator's guide gives no `pip install --dry-run` command for checking a Composer image")
+
+
+@pytest.fixture(scope="module")
+def registry_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update({k: os.environ[k] for k in PIP_REGISTRY_ENV if k in os.environ})
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    index = env.get("PIP_INDEX_URL", "https://pypi.org/simple/").rstrip("/") + "/pip/"
+    try:
+        urllib.request.urlopen(index, timeout=10).close()
+    except OSError as exc:  # the only reason to skip: CI has PyPI
+        pytest.skip(f"package registry unreachable ({index}: {exc})")
+    return env
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("image", sorted(COMPOSER_STYLE_IMAGES))
+def test_requirements_install_over_composer_style_preinstalled_providers(tmp_path, registry_env, image):
+    preinstalled = COMPOSER_STYLE_IMAGES[image] or {
+        canonicalize_name(r.name): next((s.version for s in r.specifier if s.operator == ">="), None)
+        for r in map(Requirement, requirement_lines(REPO / "requirements.txt"))
+    }
+    assert None not in preinstalled.values(), f"requirements.txt states no floor for some of {sorted(preinstalled)}"
+    tested = {canonicalize_name(r.name): next(iter(r.specifier)).version for r in local_pins()}
+    assert all(tested.get(canonicalize_name(n)) != v for n, v in preinstalled.items()), "pick versions other than ours"
+    image_list = tmp_path / "image-packages.txt"
+    image_list.write_text("".join(f"{n}=={v}\n" for n, v in {"apache-airflow": tested["apache-airflow"], **preinstalled}.items()))
+    args = guide_check_command()
+    constraints = args[args.index("-c") + 1]
+    args[args.index("-c") + 1] = str(image_list)
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", *args, "--quiet", "--report", str(report)],
+        cwd=REPO, env=registry_env, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, f"requirements.txt does not install over {image} ({constraints}):\n{proc.stderr[-3000:]}"
+    moved = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    # Airflow stays as it is; each preinstalled provider is kept at the image's version
+    assert not {"apache-airflow", "apache-airflow-core", "apache-airflow-task-sdk"} & set(moved), moved
+    for name, version in preinstalled.items():
+        assert moved.get(canonicalize_name(name), version) == version, (name, moved)
+
+
 # -- the slow check: a fresh resolve by pip (network, ~2 minutes) ----------------------------------
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("AIFS_TEST_RESOLVE") != "1", reason="set AIFS_TEST_RESOLVE=1: asks PyPI, ~2 min")
 def test_fresh_resolve_matches_this_environment(tmp_path):
-    """pip resolves requirements.txt + the Composer Airflow pin afresh to what the fast test used."""
+    """pip resolves requirements-airflow-local.txt afresh to what the fast test used."""
     report = tmp_path / "report.json"
-    args = [str(r) for r in composer_roots()]
+    args = [str(r) for r in local_pins() + composer_roots()]
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), *args],
         capture_output=True, text=True, timeout=900,

@@ -8,8 +8,8 @@ A backend owns three moments of a run, each called from one Airflow task:
                                    still runs (a retry after a dropped session), re-attach to it.
 * ``delete_host``  (teardown task) make the host not exist; "already gone" is success.
 
-Backends are registered by name (``@register("local")``) and chosen by the DAG's ``backend``
-param, like anemoi-inference's runner and output registries. Implementations live in sibling
+Backends are registered by name (``@register("local")``) and chosen by the deployment's
+AIFS_ENS_BACKEND, like anemoi-inference's runner and output registries. Implementations live in sibling
 modules; importing them must not import torch or anemoi.
 """
 
@@ -39,6 +39,9 @@ class WorkerSettings:
     input_dir: str | None = None
     output_dir: str | None = None
     force: bool = False
+    #: what the checkpoint must be, by content ("sha256:<hex>" | "hf:<revision>"); the worker
+    #: refuses (exit 15) a checkpoint that is something else. None: not declared for this checkpoint.
+    checkpoint_identity: str | None = None
 
     def worker_args(self, date: str, member: int) -> list[str]:
         """Command-line arguments of ``python -m aifs.worker`` for one member (no program name)."""
@@ -56,6 +59,7 @@ class WorkerSettings:
             "--service-account": self.service_account,
             "--input-dir": self.input_dir,
             "--output-dir": self.output_dir,
+            "--checkpoint-identity": self.checkpoint_identity,
         }
         for flag, value in optional.items():
             if value is not None and value != "":
@@ -75,15 +79,32 @@ class RunInfo:
 
     @property
     def slug(self) -> str:
-        """A name fragment safe for VM names, job names and paths: ``20251127-0000``."""
-        return self.date.replace("_", "-").lower()
+        """A name fragment safe for VM names, job names and paths: ``20251127-0000-1a2b3c``.
+
+        The date for people, a short hash of the run id so that two runs of one date (a manual
+        trigger while a backfill covers it) never share or delete each other's host or jobs.
+        """
+        from aifs.hostcontract import run_slug
+
+        return run_slug(self.date, self.run_id)
+
+    @property
+    def run_hash(self) -> str:
+        from aifs.hostcontract import run_hash
+
+        return run_hash(self.run_id)
+
+    def job_name(self, member: int) -> str:
+        from aifs.hostcontract import job_name
+
+        return job_name(self.date, member, self.run_id)
 
 
 class HostBackend(abc.ABC):
-    """One way of reaching a GPU. ``settings`` are the DAG's backend-specific params."""
+    """One way of reaching a GPU. ``settings`` are the deployment's host settings (AIFS_ENS_HOST)."""
 
     name: ClassVar[str]
-    #: JSON schema of this backend's settings (the DAG's ``host`` param), with defaults.
+    #: JSON schema of this backend's settings (the deployment's AIFS_ENS_HOST), with defaults.
     #: Declared at class level so the DAG can validate params without creating anything.
     SETTINGS_SCHEMA: ClassVar[dict[str, Any]] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -95,20 +116,65 @@ class HostBackend(abc.ABC):
         """Make the host exist and be ready for members; idempotent. Returns JSON-able host facts."""
 
     @abc.abstractmethod
-    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink) -> int:
+    def run_member(
+        self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink, *, timeout_s: float | None = None
+    ) -> int:
         """Run (or re-attach to) the worker for one member; stream its log lines to ``log``.
 
-        Returns the worker's exit code (aifs.exitcodes.ExitCode values); raises only for
-        failures of the backend itself (host unreachable after retries, ...).
+        ``timeout_s`` (the deployment's member_timeout) is the job's deadline counted from its
+        launch and recorded with the job on the host, where the host itself enforces it: a
+        re-attaching retry does not restart it and a vanished Airflow cannot extend it. No job
+        starts while another job of any run holds the host's GPU (bounded wait, then GPUBusy).
+
+        Returns the worker's exit code (aifs.exitcodes.ExitCode values); raises MemberTimeout when
+        the deadline stopped the job, and otherwise only for failures of the backend itself (host
+        unreachable after retries, GPU busy, a job of that name started with other worker args).
         """
+
+    def stop_member(self, run: RunInfo, member: int, log: LogSink) -> None:
+        """Stop the member's job if it runs (the task was killed: timeout, marked failed, cleared)."""
 
     @abc.abstractmethod
     def delete_host(self, run: RunInfo, log: LogSink) -> None:
         """Make the host not exist; a host that is already gone is success."""
 
 
+class MemberTimeout(RuntimeError):
+    """The member's job ran past its deadline (member_timeout from launch) and was stopped."""
+
+
+class GPUBusy(RuntimeError):
+    """Another job (of any run) held the host's GPU for longer than this member may wait."""
+
+
 class BadSettings(ValueError):
     """Backend settings that do not match the backend's SETTINGS_SCHEMA."""
+
+
+#: What a worker environment variable's name may be: a shell identifier. Names end up in job scripts
+#: (``export NAME=...``), ``docker run -e NAME=VALUE`` and pod specs; anything else could smuggle
+#: shell syntax onto the GPU host.
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def env_setting_schema(description: str) -> dict[str, Any]:
+    """JSON schema of a backend's ``env`` setting: shell-identifier names, string values."""
+    return {
+        "type": "object",
+        "propertyNames": {"pattern": ENV_NAME_PATTERN},
+        "additionalProperties": {"type": "string"},
+        "default": {},
+        "description": description,
+    }
+
+
+def check_env_names(env: dict[str, Any]) -> None:
+    """Refuse names that are not shell identifiers, where env is rendered (the schema checks it too)."""
+    import re
+
+    bad = sorted(str(k) for k in env if not re.fullmatch(ENV_NAME_PATTERN, str(k)))
+    if bad:
+        raise ValueError(f"environment variable names must match {ENV_NAME_PATTERN}: {', '.join(map(repr, bad))}")
 
 
 def validate_settings(schema: dict[str, Any], settings: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -144,9 +210,14 @@ def register(name: str):
     return decorate
 
 
-def get_backend(name: str, settings: dict[str, Any] | None = None) -> HostBackend:
+def backend_class(name: str) -> type[HostBackend]:
+    """The class registered as ``name`` (its SETTINGS_SCHEMA, without making an instance)."""
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")
     if name not in _REGISTRY:
         importlib.import_module(_MODULES[name])
-    return _REGISTRY[name](settings)
+    return _REGISTRY[name]
+
+
+def get_backend(name: str, settings: dict[str, Any] | None = None) -> HostBackend:
+    return backend_class(name)(settings)

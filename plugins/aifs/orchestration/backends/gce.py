@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from aifs import hostcontract
-from aifs.hostcontract import job_name
 from aifs.orchestration.backends import remote_job
 from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register
-from aifs.orchestration.backends.ssh import new_remote_job, open_ssh_client
+from aifs.orchestration.backends.ssh import new_remote_job, open_ssh_client, run_remote_member, stop_remote_member
 
 #: GPU presets: accelerator-optimized machine types come with their GPU attached.
 GPU_MACHINE_TYPES = {
@@ -96,9 +95,10 @@ class GCEBackend(HostBackend):
             "network": {"type": "string", "default": "global/networks/default"},
             "subnetwork": {"type": ["string", "null"], "default": None},
             "network_tags": {"type": "array", "items": {"type": "string"}, "default": []},
-            "instance_name": {"type": ["string", "null"], "default": None,
-                              "description": "default: {name_prefix}-{date}"},
-            "name_prefix": {"type": "string", "pattern": "^[a-z]([-a-z0-9]{0,40})$", "default": "aifs-ens"},
+            # no fixed instance name: host settings are the deployment's, and one name for every run
+            # would let two runs share, then delete, one VM
+            "name_prefix": {"type": "string", "pattern": "^[a-z]([-a-z0-9]{0,40})$", "default": "aifs-ens",
+                            "description": "VMs are named {name_prefix}-{date}-{run hash}: one VM per DAG run"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
             "startup_script": {"type": ["string", "null"], "default": None, "description": "inline startup script"},
             "startup_script_path": {"type": ["string", "null"], "default": None},
@@ -121,7 +121,7 @@ class GCEBackend(HostBackend):
     # -- naming and the instance body ---------------------------------------------------------
 
     def instance_name(self, run: RunInfo) -> str:
-        return self.settings["instance_name"] or f"{self.settings['name_prefix']}-{run.slug}"
+        return f"{self.settings['name_prefix']}-{run.slug}"
 
     def machine_type(self) -> str:
         return self.settings["machine_type"] or GPU_MACHINE_TYPES[self.settings["gpu"]]
@@ -155,7 +155,8 @@ class GCEBackend(HostBackend):
             "app": "aifs-ens",
             "dag": label_value(run.dag_id),
             "run": label_value(run.run_id),
-            "date": label_value(run.slug),
+            "date": label_value(run.date.replace("_", "-")),
+            "run-hash": run.run_hash,
             **{label_value(k): label_value(v) for k, v in s["labels"].items()},
         }
         body: dict[str, Any] = {
@@ -287,7 +288,8 @@ class GCEBackend(HostBackend):
             "created": created,
         }
 
-    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink) -> int:
+    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink, *,
+                   timeout_s: float | None = None) -> int:
         name = self.instance_name(run)
         if self.ensure_vm(run, log, wait_ready=False):
             log(f"[aifs] VM {name} was gone (spot reclaim, max_run_duration or deleted) and has been created again")
@@ -300,9 +302,13 @@ class GCEBackend(HostBackend):
                     f"(spot reclaim or max_run_duration); the task's retry creates it again and reruns the member"
                 ) from error
 
-        job = new_remote_job(self, lambda: self._connect(run), run, member, log, on_session_lost=on_session_lost)
-        script = remote_job.job_script(self.settings, job_name(run.date, member), worker.worker_args(run.date, member))
-        return job.run(script)
+        job = new_remote_job(self, lambda: self._connect(run), run, member, log, timeout_s=timeout_s,
+                             on_session_lost=on_session_lost)
+        return run_remote_member(job, self.settings, run, member, worker)
+
+    def stop_member(self, run: RunInfo, member: int, log: LogSink) -> None:
+        if self.instance_status(run) not in (None, *DEAD_STATES):
+            stop_remote_member(new_remote_job(self, lambda: self._connect(run), run, member, log), log)
 
     def delete_host(self, run: RunInfo, log: LogSink) -> None:
         self._delete(run, log)

@@ -9,6 +9,12 @@ predecessor left running (``reattach_on_restart``; called ``durable`` from Airfl
 the task instance's labels. A pod that already ended is deleted and started again (the worker skips
 a member whose completion manifest exists).
 
+In the DAG the member task *is* that pod operator (aifs.orchestration.member_task, mapped over the
+members), so killing the task (timeout, mark failed, clear) deletes the pod by the provider's own
+``on_kill``. The pod's ``activeDeadlineSeconds`` is the deployment's member timeout: Kubernetes
+stops the pod that long after its start, whatever happens to Airflow. Pod names and labels carry
+the date and the run's hash (``aifs-run``).
+
 ``parallel_gpus`` (default 1) is how many members may run at once: the DAG uses it for the
 run_member task's ``max_active_tis_per_dagrun``. With quota for N GPUs, members finish N times
 sooner at the same cost per member.
@@ -20,14 +26,14 @@ import functools
 from typing import Any
 
 from aifs import hostcontract
-from aifs.hostcontract import job_name
-from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register
+from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, env_setting_schema, register
 
 GPU_RESOURCE = "nvidia.com/gpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
 SPOT_LABEL = "cloud.google.com/gke-spot"
 SCRATCH_VOLUME = "scratch"
+SHM_VOLUME = "dshm"
 
 
 def _base_exit_code(remote_pod: Any, container: str) -> int | None:
@@ -83,13 +89,12 @@ class GKEBackend(HostBackend):
             "memory": {"type": "string", "default": "64Gi"},
             "scratch_size": {"type": "string", "default": "60Gi",
                              "description": "emptyDir at /scratch: input + windows in flight (~16 GB a member if held whole)"},
-            "env": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
+            "env": env_setting_schema("extra environment variables for the worker container"),
             "service_account_name": {"type": ["string", "null"], "default": None,
                                      "description": "Kubernetes service account (Workload Identity for GCS)"},
             "image_pull_policy": {"enum": ["Always", "IfNotPresent", "Never"], "default": "IfNotPresent"},
             "startup_timeout": {"type": "integer", "minimum": 1, "default": 1800,
                                 "description": "seconds for the autoscaler to bring a GPU node and the pod to start"},
-            "member_timeout": {"type": "integer", "minimum": 1, "default": 4 * 3600},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
             "gcp_conn_id": {"type": "string", "default": "google_cloud_default"},
             "impersonation_chain": {"type": ["string", "null"], "default": None},
@@ -99,8 +104,13 @@ class GKEBackend(HostBackend):
         "additionalProperties": False,
     }
 
-    def pod_operator(self, run: RunInfo, member: int, worker: WorkerSettings):
-        """The operator that runs one member (also what the tests render)."""
+    def pod_kwargs(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """GKEStartPodOperator arguments that are the same for every member of every run.
+
+        ``timeout_s`` (the deployment's member_timeout) becomes the pod's ``activeDeadlineSeconds``:
+        Kubernetes counts it from the pod's start and stops the pod itself, so a re-attaching retry
+        does not restart it and a vanished Airflow cannot extend it.
+        """
         from kubernetes.client import models as k8s
 
         s = self.settings
@@ -120,8 +130,7 @@ class GKEBackend(HostBackend):
         from airflow.providers.cncf.kubernetes.version_compat import AIRFLOW_V_3_3_PLUS
 
         reattach = {"durable": True} if AIRFLOW_V_3_3_PLUS else {"reattach_on_restart": True}
-        return member_pod_operator_class()(
-            task_id=f"aifs_member_{member:03d}",
+        return dict(
             project_id=s["project_id"],
             location=s["location"],
             cluster_name=s["cluster_name"],
@@ -130,22 +139,27 @@ class GKEBackend(HostBackend):
             gcp_conn_id=s["gcp_conn_id"],
             impersonation_chain=s["impersonation_chain"],
             namespace=s["namespace"],
-            name=job_name(run.date, member),
+            name="aifs-member",  # each member's own name is set when it runs (member_pod_fields)
             random_name_suffix=True,
             image=s["image"],
             image_pull_policy=s["image_pull_policy"],
             cmds=entry[:1],
-            arguments=entry[1:] + worker.worker_args(run.date, member),
-            env_vars={str(k): str(v) for k, v in s["env"].items()},
-            labels={"app": "aifs-ens", "aifs-date": run.slug, "aifs-member": f"{member:03d}", **s["labels"]},
+            arguments=[],
             container_resources=resources,
             node_selector=node_selector,
             tolerations=tolerations,
-            volumes=[k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=s["scratch_size"]))],
-            volume_mounts=[k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=hostcontract.CONTAINER_SCRATCH)],
+            volumes=[
+                k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=s["scratch_size"])),
+                # the GRIB writers' step ring lives in /dev/shm; a pod's own is 64 MB
+                k8s.V1Volume(name=SHM_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=f"{hostcontract.WORKER_SHM_GIB}Gi")),
+            ],
+            volume_mounts=[
+                k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=hostcontract.CONTAINER_SCRATCH),
+                k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"),
+            ],
             service_account_name=s["service_account_name"],
             startup_timeout_seconds=s["startup_timeout"],
-            active_deadline_seconds=s["member_timeout"],
+            active_deadline_seconds=int(-(-timeout_s // 1)) if timeout_s else None,
             get_logs=True,
             on_finish_action="delete_pod",
             on_kill_action="delete_pod",
@@ -154,17 +168,44 @@ class GKEBackend(HostBackend):
             **reattach,
         )
 
+    def member_pod_fields(self, run: RunInfo, member: int, worker: WorkerSettings) -> dict[str, Any]:
+        """What differs per member and run: the pod's name, the worker's arguments, the labels; and the env.
+
+        The env is set here, when the member runs, not with the operator's static arguments:
+        ``env_vars`` is a template field, and Airflow stores a task's rendered template fields where
+        every viewer of the run can read them; env values may be secret.
+        """
+        from kubernetes.client import models as k8s
+
+        entry = list(self.settings["entrypoint"])
+        return {
+            "env_vars": [k8s.V1EnvVar(name=str(k), value=str(v)) for k, v in sorted(self.settings["env"].items())],
+            "name": run.job_name(member),
+            "arguments": entry[1:] + worker.worker_args(run.date, member),
+            "labels": {"app": "aifs-ens", "aifs-date": run.date.replace("_", "-"), "aifs-run": run.run_hash,
+                       "aifs-member": f"{member:03d}", **self.settings["labels"]},
+        }
+
+    def pod_operator(self, run: RunInfo, member: int, worker: WorkerSettings, timeout_s: float | None = None):
+        """The operator that runs one member outside a DAG (also what the tests render)."""
+        return member_pod_operator_class()(
+            task_id=f"aifs_member_{member:03d}", **{**self.pod_kwargs(timeout_s), **self.member_pod_fields(run, member, worker)}
+        )
+
     def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
         s = self.settings
         log(f"[aifs] gke backend: pods on cluster {s['cluster_name']} ({s['location']}); the GPU node pool's "
             "autoscaler provides the GPUs, nothing to create")
         return {"backend": "gke", "cluster": s["cluster_name"], "location": s["location"], "parallel_gpus": s["parallel_gpus"]}
 
-    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink) -> int:
+    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink, *,
+                   timeout_s: float | None = None) -> int:
+        """Outside the DAG only: the DAG's gke member task is the pod operator itself
+        (aifs.orchestration.member_task), so that its on_kill and re-attach are the provider's."""
         from airflow.sdk import get_current_context
 
-        op = self.pod_operator(run, member, worker)
-        log(f"[aifs] starting pod {job_name(run.date, member)}-* on {self.settings['cluster_name']} "
+        op = self.pod_operator(run, member, worker, timeout_s)
+        log(f"[aifs] starting pod {run.job_name(member)}-* on {self.settings['cluster_name']} "
             f"({self.settings['gpus_per_member']}x {self.settings['gpu_type']})")
         op.execute(get_current_context())
         code = 0 if op.aifs_exit_code is None else op.aifs_exit_code

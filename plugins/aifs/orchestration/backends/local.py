@@ -9,6 +9,11 @@ Airflow itself. There is no host to rent, so:
 * ``run_member`` starts ``<worker python> -m aifs.worker ... --members N`` and streams its log;
 * ``delete_host`` removes the run's scratch dirs; nothing there is not an error.
 
+The machine's GPU is guarded like a remote host's: ``<scratch root>/gpu.lock`` is taken (flock)
+before a worker starts and inherited by it, so no worker of any run starts while another holds it
+(bounded wait naming the holder, from ``gpu.holder``). The worker runs under coreutils ``timeout``
+with the member's deadline, so it stops at its deadline even if the task process vanished.
+
 The worker Python is ``host.worker_python``, else ``$AIFS_WORKER_PYTHON``, else this Python:
 production keeps the worker stack (torch, anemoi) out of Airflow's environment.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -29,7 +35,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register
+from aifs.hostcontract import GPU_HOLDER, GPU_LOCK, KILL_AFTER_S
+from aifs.orchestration.backends.base import (
+    GPUBusy,
+    HostBackend,
+    LogSink,
+    MemberTimeout,
+    RunInfo,
+    WorkerSettings,
+    env_setting_schema,
+    register,
+)
 
 WORKER_PYTHON_ENV = "AIFS_WORKER_PYTHON"
 
@@ -75,6 +91,9 @@ class LocalBackend(HostBackend):
                 "description": "Refuse to start with less free scratch space than this",
             },
             "check_timeout_s": {"type": "number", "exclusiveMinimum": 0, "default": 300},
+            "gpu_wait": {"type": "number", "minimum": 0, "default": 600,
+                         "description": "seconds a member waits for the GPU while another worker (of any run) holds it"},
+            "env": env_setting_schema("extra environment variables for the worker process (e.g. HF_TOKEN)"),
         },
     }
 
@@ -92,10 +111,12 @@ class LocalBackend(HostBackend):
         return self.scratch_root() / _safe(run.dag_id) / f"{run.slug}--{_safe(run.run_id)}"
 
     def _env(self) -> dict[str, str]:
-        """The worker imports the same ``aifs`` package the DAG did (plugins/ may not be installed there)."""
+        """This process's environment plus the ``env`` setting; the worker imports the same ``aifs``
+        package the DAG did (plugins/ may not be installed there)."""
         import aifs
 
         env = dict(os.environ)
+        env.update(self.settings["env"])
         package_parent = str(Path(aifs.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
@@ -138,7 +159,8 @@ class LocalBackend(HostBackend):
             f"scratch {run_dir} ({free_gb:.1f} GB free)")
         return facts
 
-    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink) -> int:
+    def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink, *,
+                   timeout_s: float | None = None) -> int:
         run_dir = self.run_dir(run)
         worker = dataclasses.replace(worker, input_dir=str(run_dir / "input"), output_dir=str(run_dir / "output"))
         cmd = [self.worker_python, "-m", "aifs.worker", *worker.worker_args(run.date, member)]
@@ -148,23 +170,41 @@ class LocalBackend(HostBackend):
         self._stop_orphan(pid_file, log)
 
         log("$ " + " ".join(cmd))
-        process = subprocess.Popen(
-            cmd,
-            env=self._env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            bufsize=1,
-            start_new_session=True,  # its own process group: we can stop it and its children together
-        )
+        lock = self._take_gpu(run, member, timeout_s, log)
+        launched = time.time()
+        supervised = cmd
+        timeout_bin = shutil.which("timeout")
+        if timeout_s and timeout_bin:
+            # the deadline is enforced by a process beside the worker, not by this task: it holds even
+            # when Airflow's task process is SIGKILLed
+            supervised = [timeout_bin, "-k", str(KILL_AFTER_S), f"{max(1, int(-(-timeout_s // 1)))}", *cmd]
+        elif timeout_s:
+            log("[aifs] coreutils timeout not found: the member's deadline is only Airflow's execution_timeout")
+        try:
+            process = subprocess.Popen(
+                supervised,
+                env=self._env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                start_new_session=True,  # its own process group: we can stop it and its children together
+                pass_fds=(lock.fileno(),),  # the worker holds the GPU lock for as long as it lives
+            )
+        finally:
+            lock.close()  # ours only: the worker's copy keeps the lock until the worker is gone
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(str(process.pid))
+        deadline = launched + timeout_s if timeout_s else None
+        (run_dir / f"member{member:03d}.job.json").write_text(json.dumps(
+            {"pid": process.pid, "run_id": run.run_id, "member": member, "launched": launched, "deadline": deadline,
+             "args": cmd}))
         try:
             assert process.stdout is not None
             for line in process.stdout:
                 log(line.rstrip("\n"))
-            return process.wait()
+            code = process.wait()
         finally:
             # Any way out of here but the worker's own exit (the task was killed, timed out or
             # marked failed) must not leave a worker holding the GPU.
@@ -178,6 +218,49 @@ class LocalBackend(HostBackend):
                     process.wait()
             with contextlib.suppress(FileNotFoundError):
                 pid_file.unlink()
+        if deadline is not None and code != 0 and time.time() >= deadline:
+            raise MemberTimeout(
+                f"member {member:03d} exceeded member_timeout ({timeout_s:.0f} s from its launch) and was stopped (exit {code})"
+            )
+        return code
+
+    def stop_member(self, run: RunInfo, member: int, log: LogSink) -> None:
+        self._stop_orphan(self.run_dir(run) / f"member{member:03d}.pid", log)
+
+    # -- the GPU lock -------------------------------------------------------------------------
+
+    def _take_gpu(self, run: RunInfo, member: int, timeout_s: float | None, log: LogSink):
+        """The machine's GPU lock (an open file holding flock), waiting up to ``gpu_wait`` for it."""
+        root = self.scratch_root()
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / GPU_LOCK, "a+")
+        started, last_said = time.monotonic(), None
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            holder = _read(root / GPU_HOLDER) or "unknown (no gpu.holder)"
+            waited = time.monotonic() - started
+            if waited >= self.settings["gpu_wait"]:
+                lock.close()
+                raise GPUBusy(
+                    f"the GPU is held by another worker ({holder}); waited {waited:.0f} s (gpu_wait "
+                    f"{self.settings['gpu_wait']:.0f} s) without starting member {member:03d}. Two runs share this "
+                    "machine: let the other finish (or bound runs with the pool, see the operator's guide), then clear this task"
+                )
+            if holder != last_said:
+                log(f"[aifs] the GPU is busy: held by {holder}; member {member:03d} waits (up to {self.settings['gpu_wait']:.0f} s)")
+                last_said = holder
+            time.sleep(min(1.0, max(0.05, self.settings["gpu_wait"] - waited)))
+        now = time.time()
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + timeout_s)) if timeout_s else "none"
+        (root / GPU_HOLDER).write_text(
+            f"run={run.run_id} member={member:03d} since={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))} "
+            f"deadline={until}\n"
+        )
+        return lock
 
     def delete_host(self, run: RunInfo, log: LogSink) -> None:
         run_dir = self.run_dir(run)
@@ -202,6 +285,13 @@ class LocalBackend(HostBackend):
             _stop_group(pid)
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

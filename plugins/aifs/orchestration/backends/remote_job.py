@@ -19,7 +19,14 @@ On the host each job is a directory ``{jobs_dir}/{job_name(date, member)}/``:
 ``exit``            the exit status, present once the job has ended
 ``reported``        present once a session handed ``exit`` to its Airflow task
 ``launches``        one line per launch: time, number, what the previous launch left behind
+``args``            the worker arguments of the launch: a job is adopted only by a task asking for the same
+``deadline``        epoch second at which the host stops the job (member_timeout after its launch)
+``timedout``        present when the runner stopped the job at its deadline
 ==================  ==========================================================================
+
+Beside the job dirs, ``{jobs_dir}/gpu.lock`` is the host's one GPU: a launch takes it (flock) and
+hands it to the runner, so it is held by the whole job until its last process ends, whichever DAG
+run the job belongs to; ``gpu.holder`` says who holds it (job, run, member, since, deadline).
 
 The rule a session applies (``ensure``), under ``launch.lock``:
 
@@ -27,7 +34,12 @@ The rule a session applies (``ensure``), under ``launch.lock``:
 2. ``exit`` present and not ``reported`` -> the job finished while nobody was connected: its exit
    status is the answer; no launch.
 3. otherwise (never launched, or its result was already reported to a task, or it died without a
-   status, e.g. the host rebooted) -> launch it, keeping the previous log as ``log.N``.
+   status, e.g. the host rebooted) -> launch it, keeping the previous log as ``log.N``, but only once
+   ``gpu.lock`` is free: while another job holds it the session waits (bounded, naming the holder).
+
+Rules 1 and 2 apply only when the job's recorded ``args`` are the worker arguments the session asks
+for; otherwise the session fails naming the difference (a job started with another bucket,
+checkpoint or lead time is never taken for ours).
 
 Rule 3 is what makes a failed member restartable: the task that saw the failure reported it, so
 its retry (or a person clearing the task) launches afresh. A member that succeeded and is
@@ -38,9 +50,10 @@ the same status again (at least once, never lost).
 The session follows the log over one long exec channel. The follower prints the log's bytes as
 they come and a heartbeat byte on stderr when the log is quiet, so a silent dead connection is
 noticed after ``stall_timeout`` even where TCP never says so; a dropped session is reconnected up
-to ``reconnect_attempts`` times, resuming at the byte where it stopped. ``member_timeout`` is a
-total limit: when it passes the job is stopped and the task fails (unlike ``SSHOperator``'s
-``cmd_timeout``, which only limits silence).
+to ``reconnect_attempts`` times, resuming at the byte where it stopped. The member timeout is a
+total limit counted from the job's launch and enforced on the host: the runner runs ``cmd`` under
+``timeout``, so a retry that re-attaches does not restart it and an Airflow that vanished cannot
+leave the job holding the GPU (unlike ``SSHOperator``'s ``cmd_timeout``, which only limits silence).
 """
 
 from __future__ import annotations
@@ -53,6 +66,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from aifs import hostcontract
+from aifs.orchestration.backends import base
+from aifs.orchestration.backends.base import check_env_names, env_setting_schema
 
 LogSink = Callable[[str], None]
 
@@ -67,42 +82,70 @@ FOLLOW_NO_JOB = 4
 # --------------------------------------------------------------------------------------------
 
 RUNNER_SH = r"""#!/bin/bash
-# aifs detached-job runner: holds running.lock for the life of the job (inherited by the job).
-J="$1"
+# aifs detached-job runner: holds running.lock (and, as fd 7 from the launch, the host's gpu.lock)
+# for the life of the job, both inherited by the job; stops the job itself at its deadline.
+J="$1"; KILL_AFTER="${2:-90}"
 exec 9>>"$J/running.lock"
 flock -w 30 9 || exit 75
 cd "$J" || exit 76
-setsid bash "$J/cmd" >>"$J/log" 2>&1 </dev/null &
+limit=0
+if [ -s "$J/deadline" ]; then limit=$(( $(cat "$J/deadline") - $(date +%s) )); [ "$limit" -ge 1 ] || limit=1; fi
+if [ "$limit" -gt 0 ]; then
+  setsid timeout -k "$KILL_AFTER" "$limit" bash "$J/cmd" >>"$J/log" 2>&1 </dev/null &
+else
+  setsid bash "$J/cmd" >>"$J/log" 2>&1 </dev/null &
+fi
 child=$!
 echo "$child" >"$J/pid.tmp" && mv -f "$J/pid.tmp" "$J/pid"
 wait "$child"
 code=$?
+if [ "$limit" -gt 0 ] && [ "$code" != 0 ] && [ "$(date +%s)" -ge "$(cat "$J/deadline")" ]; then
+  : >"$J/timedout"
+  echo "[aifs-job] stopped by the host at its deadline $(date -u -d "@$(cat "$J/deadline")" +%Y-%m-%dT%H:%M:%SZ) (member_timeout after its launch), exit $code" >>"$J/log"
+fi
 printf '%s\n' "$code" >"$J/exit.tmp" && mv -f "$J/exit.tmp" "$J/exit"
 """
 
 ENSURE_SH = r"""
 set -u
-J="$1/$2"; CMD_B64="$3"; RUNNER_B64="$4"
+D="$1"; J="$1/$2"; CMD_B64="$3"; RUNNER_B64="$4"; ARGS_B64="$5"; LIMIT="$6"; WHO_B64="$7"; KILL_AFTER="$8"
 mkdir -p "$J" || { echo "error cannot create $J"; exit 20; }
 exec 8>>"$J/launch.lock"
 flock -w 60 8 || { echo "error launch lock of $J busy for 60 s"; exit 21; }
 launches() { if [ -e "$J/launches" ]; then wc -l <"$J/launches"; else echo 0; fi; }
-if ! flock -n "$J/running.lock" true 2>/dev/null; then echo "running $(launches)"; exit 0; fi
-if [ -e "$J/exit" ] && [ ! -e "$J/reported" ]; then echo "finished $(cat "$J/exit")"; exit 0; fi
+deadline() { cat "$J/deadline" 2>/dev/null || echo 0; }
+ours() { [ -e "$J/args" ] && [ "$(base64 -w0 <"$J/args")" = "$ARGS_B64" ]; }
+if ! flock -n "$J/running.lock" true 2>/dev/null; then
+  ours || { echo "mismatch $(base64 -w0 <"$J/args" 2>/dev/null)"; exit 0; }
+  echo "running $(launches) $(deadline)"; exit 0
+fi
+if [ -e "$J/exit" ] && [ ! -e "$J/reported" ]; then
+  ours || { echo "mismatch $(base64 -w0 <"$J/args" 2>/dev/null)"; exit 0; }
+  echo "finished $(cat "$J/exit") $([ -e "$J/timedout" ] && echo timedout)"; exit 0
+fi
+# a launch needs the host's GPU: take gpu.lock here and hand it (fd 7) to the runner, which keeps it
+# for the whole job; no job of any run starts while another holds it
+exec 7>>"$D/gpu.lock"
+flock -n 7 || { echo "busy $(head -c 2000 "$D/gpu.holder" 2>/dev/null | tr '\n' ' ')"; exit 0; }
 prev=none
 if [ -e "$J/exit" ]; then prev="reported:$(cat "$J/exit")"; elif [ -e "$J/pid" ]; then prev=lost; fi
 n=$(( $(launches) + 1 ))
 if [ -e "$J/log" ]; then mv -f "$J/log" "$J/log.$((n - 1))"; fi
-rm -f "$J/exit" "$J/reported" "$J/pid"
+rm -f "$J/exit" "$J/reported" "$J/pid" "$J/timedout" "$J/deadline"
 printf %s "$CMD_B64" | base64 -d >"$J/cmd.tmp" && mv -f "$J/cmd.tmp" "$J/cmd" || { echo "error writing cmd"; exit 22; }
 printf %s "$RUNNER_B64" | base64 -d >"$J/runner" || { echo "error writing runner"; exit 22; }
+printf %s "$ARGS_B64" | base64 -d >"$J/args" || { echo "error writing args"; exit 22; }
 chmod 700 "$J/cmd" "$J/runner"
+now=$(date +%s)
+[ "$LIMIT" -gt 0 ] && echo $((now + LIMIT)) >"$J/deadline"
+printf 'job=%s %s since=%s deadline=%s\n' "$2" "$(printf %s "$WHO_B64" | base64 -d)" \
+  "$(date -u -d "@$now" +%Y-%m-%dT%H:%M:%SZ)" "$([ "$LIMIT" -gt 0 ] && date -u -d "@$((now + LIMIT))" +%Y-%m-%dT%H:%M:%SZ || echo none)" >"$D/gpu.holder"
 : >"$J/log"
 printf '%s launch %s prev=%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$n" "$prev" >>"$J/launches"
-setsid nohup bash "$J/runner" "$J" </dev/null >/dev/null 2>&1 8>&- &
+setsid nohup bash "$J/runner" "$J" "$KILL_AFTER" </dev/null >/dev/null 2>&1 8>&- &
 for _ in $(seq 200); do [ -e "$J/pid" ] && break; sleep 0.05; done
 [ -e "$J/pid" ] || { echo "error runner of $J did not start"; exit 23; }
-echo "launched $n $prev"
+echo "launched $n $prev $(deadline)"
 """
 
 FOLLOW_SH = r"""
@@ -130,7 +173,7 @@ done
 RESULT_SH = r"""
 J="$1"
 [ -e "$J/exit" ] || exit 4
-cat "$J/exit"
+echo "$(cat "$J/exit") $([ -e "$J/timedout" ] && echo timedout)"
 """
 
 ACK_SH = r"""
@@ -186,8 +229,16 @@ class JobLost(RemoteJobError):
     """The job ended without recording an exit status (host rebooted, runner killed); a retry relaunches it."""
 
 
-class MemberTimeout(RemoteJobError):
-    """The member ran longer than ``member_timeout``; the job was stopped."""
+class MemberTimeout(RemoteJobError, base.MemberTimeout):
+    """The member ran longer than its timeout (counted from the job's launch); the job was stopped."""
+
+
+class GPUBusy(RemoteJobError, base.GPUBusy):
+    """Another job held the host's GPU for longer than ``gpu_wait``."""
+
+
+class JobMismatch(RemoteJobError):
+    """A job of this name exists on the host but was started with other worker arguments."""
 
 
 class HostNotReady(RemoteJobError):
@@ -213,6 +264,7 @@ def _b64(text: str) -> str:
 def process_script(argv: Sequence[str], env: dict[str, str] | None = None, workdir: str | None = None) -> str:
     """The job script for a plain process: environment, working directory, then ``exec argv``."""
     lines = ["#!/bin/bash"]
+    check_env_names(env or {})  # a name is written unquoted (``export NAME=``): shell syntax must not get in
     for key, value in sorted((env or {}).items()):
         lines.append(f"export {key}={shlex.quote(str(value))}")
     if workdir:
@@ -236,8 +288,10 @@ def docker_run_argv(
     argv = [docker, "run", "-d", "--name", name, "--label", f"aifs-job={name}"]
     if gpus:
         argv += ["--gpus", gpus]
+    argv += ["--shm-size", f"{hostcontract.WORKER_SHM_GIB}g"]  # the GRIB writers' step ring lives in /dev/shm
     if scratch_dir:
         argv += ["-v", f"{scratch_dir}:{hostcontract.CONTAINER_SCRATCH}"]
+    check_env_names(env or {})  # docker splits ``-e`` at the first '=': a name must not hold one
     for key, value in sorted((env or {}).items()):
         argv += ["-e", f"{key}={value}"]
     argv += list(extra)
@@ -298,8 +352,7 @@ def job_settings_properties(**defaults: Any) -> dict[str, Any]:
                         "description": "container launch: extra docker run arguments"},
         "scratch_dir": {"type": ["string", "null"], "default": hostcontract.SCRATCH_DIR,
                         "description": "container launch: host scratch directory mounted at /scratch"},
-        "env": {"type": "object", "additionalProperties": {"type": "string"}, "default": {},
-                "description": "extra environment variables for the worker on the host"},
+        "env": env_setting_schema("extra environment variables for the worker on the host"),
         "workdir": {"type": ["string", "null"], "default": None, "description": "process launch: working directory"},
         "jobs_dir": {"type": "string", "default": hostcontract.JOBS_DIR,
                      "description": "where detached jobs keep their log and exit status on the host"},
@@ -309,8 +362,8 @@ def job_settings_properties(**defaults: Any) -> dict[str, Any]:
                       "description": "seconds between keep-alive bytes while the log is quiet"},
         "stall_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 120,
                           "description": "seconds without any byte from the host before the session counts as dropped"},
-        "member_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 4 * 3600,
-                           "description": "total seconds a member may run; then it is stopped and the task fails"},
+        "gpu_wait": {"type": "number", "minimum": 0, "default": 600,
+                     "description": "seconds a member waits for the host's GPU while another job (of any run) holds it"},
         "reconnect_attempts": {"type": "integer", "minimum": 0, "default": 5},
         "reconnect_delay": {"type": "number", "minimum": 0, "default": 10},
         "keepalive_interval": {"type": "integer", "minimum": 0, "default": 30},
@@ -383,6 +436,9 @@ class RemoteJob:
         reconnect_delay: float = 10.0,
         command_timeout: float = 120.0,
         on_session_lost: Callable[[Exception], None] | None = None,
+        gpu_wait: float = 600.0,
+        gpu_poll: float = 10.0,
+        kill_after: int = hostcontract.KILL_AFTER_S,
     ):
         self.connect = connect
         self.jobs_dir = jobs_dir.rstrip("/") or "/"
@@ -393,7 +449,11 @@ class RemoteJob:
         self.poll_interval = poll_interval
         self.heartbeat = heartbeat
         self.stall_timeout = stall_timeout
+        #: seconds from the job's launch after which the host stops it (None: no limit)
         self.member_timeout = member_timeout
+        self.gpu_wait = gpu_wait
+        self.gpu_poll = gpu_poll
+        self.kill_after = kill_after
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_delay = reconnect_delay
         self.command_timeout = command_timeout
@@ -479,33 +539,53 @@ class RemoteJob:
         parts = out.split()
         return JobState(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None)
 
-    def ensure(self, script: str) -> tuple[str, int | None]:
-        """Apply the launch rule; ``("running", None)``, ``("finished", code)`` or ``("launched", n)``."""
+    def ensure(self, script: str, args: Sequence[str] = (), who: str = "") -> tuple[str, dict[str, Any]]:
+        """Apply the launch rule once: ``(what, facts)`` with what one of ``running``, ``finished``,
+        ``launched`` (facts: launch, deadline, exit_code, timedout), ``busy`` (facts: holder) or
+        ``mismatch`` (facts: recorded args)."""
+        limit = int(-(-self.member_timeout // 1)) if self.member_timeout else 0
         status, out, err = self._with_reconnects(
-            "ensure", lambda: self._exec(ENSURE_SH, self.jobs_dir, self.name, _b64(script), _b64(RUNNER_SH))
+            "ensure",
+            lambda: self._exec(ENSURE_SH, self.jobs_dir, self.name, _b64(script), _b64(RUNNER_SH),
+                               _b64(args_text(args)), limit, _b64(who), self.kill_after),
         )
         words = out.split()
-        if status != 0 or not words or words[0] not in ("running", "finished", "launched"):
+        if status != 0 or not words or words[0] not in ("running", "finished", "launched", "busy", "mismatch"):
             raise RemoteJobError(
                 f"could not start job {self.name} in {self.jobs_dir} (status {status}): {(out + err).strip()}"
             )
-        if words[0] == "finished":
-            return "finished", int(words[1])
-        if words[0] == "launched":
+        what = words[0]
+        if what == "busy":
+            return what, {"holder": out.strip()[len("busy"):].strip() or "unknown (no gpu.holder)"}
+        if what == "mismatch":
+            recorded = base64.b64decode(words[1]).decode(errors="replace") if len(words) > 1 else ""
+            return what, {"args": recorded.splitlines()}
+        if what == "finished":
+            return what, {"exit_code": int(words[1]), "timedout": "timedout" in words[2:]}
+        if what == "launched":
             previous = words[2] if len(words) > 2 else "none"
+            deadline = int(words[3]) if len(words) > 3 else 0
             note = {"none": "", "lost": " (the previous launch ended without an exit status)"}.get(
                 previous, f" (previous result {previous.split(':', 1)[-1]} was already reported)"
             )
-            self.log(f"[aifs] launched job {self.name} (launch {words[1]}) on the host{note}")
-            return "launched", int(words[1])
-        self.log(f"[aifs] job {self.name} is already running on the host: re-attaching to it")
-        return "running", None
+            until = f"; the host stops it at {_utc(deadline)}" if deadline else ""
+            self.log(f"[aifs] launched job {self.name} (launch {words[1]}) on the host{note}{until}")
+            return what, {"launch": int(words[1]), "deadline": deadline}
+        deadline = int(words[2]) if len(words) > 2 else 0
+        until = f" (its deadline, from its launch: {_utc(deadline)})" if deadline else ""
+        self.log(f"[aifs] job {self.name} is already running on the host: re-attaching to it{until}")
+        return what, {"deadline": deadline}
 
     def result(self) -> int:
+        return self._result()[0]
+
+    def _result(self) -> tuple[int, bool]:
+        """(exit status, stopped by the host at its deadline?)"""
         status, out, err = self._with_reconnects("result", lambda: self._exec(RESULT_SH, self.dir))
         if status != 0 or not out.strip():
             raise RemoteJobError(f"job {self.name} has no exit status to read ({status}): {err.strip()}")
-        return int(out.split()[0])
+        words = out.split()
+        return int(words[0]), "timedout" in words[1:]
 
     def acknowledge(self) -> None:
         """Mark the result as handed to a task, so that the next call launches afresh."""
@@ -537,7 +617,7 @@ class RemoteJob:
         while True:
             try:
                 outcome = self._follow_once(state, emit, deadline)
-            except MemberTimeout:
+            except (MemberTimeout, _SessionDeadline):
                 raise
             except _network_errors() as exc:
                 attempt += 1
@@ -546,7 +626,11 @@ class RemoteJob:
             attempt = 0
             if outcome == FOLLOW_ENDED:
                 emit(b"", final=True)
-                return self.result()
+                code, timedout = self._result()
+                if timedout:
+                    self.acknowledge()
+                    raise self._timeout_error()
+                return code
             if outcome == FOLLOW_LOST:
                 emit(b"", final=True)
                 raise JobLost(
@@ -594,7 +678,7 @@ class RemoteJob:
                 if now - last_data > self.stall_timeout:
                     raise TimeoutError(f"no byte from the host for {self.stall_timeout:.0f} s")
                 if deadline is not None and time.time() > deadline:
-                    raise MemberTimeout(f"job {self.name} exceeded its time limit")
+                    raise _SessionDeadline(f"job {self.name} exceeded its time limit")
                 time.sleep(min(0.05, self.poll_interval))
         finally:
             try:
@@ -604,30 +688,74 @@ class RemoteJob:
 
     # -- the whole thing ------------------------------------------------------------------------
 
-    def run(self, script: str) -> int:
-        """Launch the job (or attach to it, or read its finished status) and return its exit code."""
-        started = time.time()
-        deadline = started + self.member_timeout if self.member_timeout else None
+    def run(self, script: str, args: Sequence[str] = (), who: str = "") -> int:
+        """Launch the job (or attach to it, or read its finished status) and return its exit code.
+
+        ``args`` are the worker arguments the job runs with: a job of this name recorded with other
+        arguments is not adopted (JobMismatch). ``who`` (run and member) is shown to whoever waits for
+        the GPU while this job holds it. Raises MemberTimeout when the host stopped the job at its
+        deadline, GPUBusy when another job kept the GPU longer than ``gpu_wait``.
+        """
         try:
-            what, value = self.ensure(script)
+            what, facts = self._ensure_gpu(script, args, who)
             if what == "finished":
-                self.log(f"[aifs] job {self.name} finished while no session was attached; exit status {value}")
+                self.log(f"[aifs] job {self.name} finished while no session was attached; exit status {facts['exit_code']}")
                 self._replay_log()
-                code = int(value)
+                if facts["timedout"]:
+                    self.acknowledge()
+                    raise self._timeout_error()
+                code = int(facts["exit_code"])
             else:
+                # the deadline is the job's own (written at its launch), so a re-attach does not restart it;
+                # the host enforces it; this session gives up only if the host has not, well after it
+                deadline = facts.get("deadline") or 0
+                session_deadline = deadline + self.kill_after + 60 if deadline else None
                 try:
-                    code = self.follow(deadline)
+                    code = self.follow(session_deadline)
                 except MemberTimeout:
-                    self.log(f"[aifs] job {self.name} ran past member_timeout ({self.member_timeout:.0f} s): stopping it")
+                    raise
+                except _SessionDeadline:
+                    self.log(f"[aifs] job {self.name} is still running past its deadline {_utc(deadline)}: stopping it")
                     self.stop()
                     self.acknowledge()
-                    raise MemberTimeout(
-                        f"job {self.name} exceeded member_timeout ({self.member_timeout:.0f} s) and was stopped"
-                    ) from None
+                    raise self._timeout_error() from None
             self.acknowledge()
             return code
         finally:
             self.close()
+
+    def _ensure_gpu(self, script: str, args: Sequence[str], who: str) -> tuple[str, dict[str, Any]]:
+        """``ensure`` until the job runs or has a result: wait (bounded) while another job holds the GPU."""
+        waited_since = time.monotonic()
+        last_said = None
+        while True:
+            what, facts = self.ensure(script, args, who)
+            if what == "mismatch":
+                raise JobMismatch(
+                    f"job {self.name} on the host was started with other worker arguments ({describe_args_change(facts['args'], list(args))}); "
+                    "not adopting it. It belongs to an earlier launch of this member with other settings: "
+                    "stop it on the host (or wait for it to end), then clear this task"
+                )
+            if what != "busy":
+                return what, facts
+            waited = time.monotonic() - waited_since
+            if waited >= self.gpu_wait:
+                raise GPUBusy(
+                    f"the host's GPU is held by another job ({facts['holder']}); waited {waited:.0f} s (gpu_wait "
+                    f"{self.gpu_wait:.0f} s) without starting job {self.name}. Two runs (a trigger and a backfill?) "
+                    "share this host: let the other finish, bound them with the pool (see the operator's guide), then clear this task"
+                )
+            if facts["holder"] != last_said or waited // 60 != (waited - self.gpu_poll) // 60:
+                self.log(f"[aifs] the host's GPU is busy: held by {facts['holder']}; job {self.name} waits "
+                         f"(up to {self.gpu_wait:.0f} s, {waited:.0f} s so far)")
+                last_said = facts["holder"]
+            time.sleep(min(self.gpu_poll, max(0.05, self.gpu_wait - waited)))
+
+    def _timeout_error(self) -> "MemberTimeout":
+        limit = f"{self.member_timeout:.0f} s" if self.member_timeout else "its limit"
+        return MemberTimeout(
+            f"job {self.name} exceeded member_timeout ({limit} from its launch) and was stopped on the host"
+        )
 
     def _replay_log(self) -> None:
         """Show the output of a job that finished unattended (bounded, the task log stays readable)."""
@@ -636,6 +764,37 @@ class RemoteJob:
         )
         for line in out.splitlines():
             self.log(line)
+
+
+class _SessionDeadline(Exception):
+    """The session saw the job's deadline pass (well after the host should have stopped it)."""
+
+
+def args_text(args: Sequence[str]) -> str:
+    """The worker arguments as recorded in the job dir: one a line."""
+    return "".join(f"{a}\n" for a in args)
+
+
+def describe_args_change(recorded: Sequence[str], wanted: Sequence[str]) -> str:
+    """``--bucket: host has a, this task b; ...`` for flags whose values differ (else both lists)."""
+    def flags(args: Sequence[str]) -> dict[str, str]:
+        out, key = {}, None
+        for a in args:
+            if a.startswith("--"):
+                key = a
+                out[key] = ""
+            elif key is not None:
+                out[key] = a if not out[key] else f"{out[key]} {a}"
+        return out
+
+    old, new = flags(recorded), flags(wanted)
+    diffs = [f"{k}: host has {old.get(k, '(none)')!s}, this task {new.get(k, '(none)')!s}"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(diffs) or f"host has {list(recorded)}, this task {list(wanted)}"
+
+
+def _utc(epoch: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -250,7 +250,7 @@ def aifs_ens_forecast():
         retries=DEPLOYMENT.member_retries,
         retry_delay=DEPLOYMENT.retry_delay,
         retry_exponential_backoff=True,
-        execution_timeout=task_timeout(DEPLOYMENT.member_timeout),
+        execution_timeout=task_timeout(DEPLOYMENT.member_timeout, DEPLOYMENT.host.get("gpu_wait", 0)),
         map_index_template="{{ 'member %03d' % task.member }}",
     ).expand(member=planned)
     removed = delete_host(config, host)

@@ -264,6 +264,13 @@ def run_conf(bucket: str, checkpoint: str, **overrides) -> dict:
     return conf
 
 
+def scratch_leftovers(scratch: Path) -> list[str]:
+    """Files runs left under a local host's scratch, less the machine's GPU lock (host-wide and kept, like /var/lock)."""
+    from aifs.hostcontract import GPU_HOLDER, GPU_LOCK
+
+    return [str(p.relative_to(scratch)) for p in Path(scratch).rglob("*") if p.is_file() and p.name not in (GPU_LOCK, GPU_HOLDER)]
+
+
 def task_states(dag_run) -> dict[tuple[str, int], str | None]:
     return {(ti.task_id, ti.map_index): (str(getattr(ti.state, "value", ti.state)) if ti.state else None)
             for ti in dag_run.get_task_instances()}

@@ -10,7 +10,7 @@ import os
 import pickle
 
 import pytest
-from conftest import FORECAST_DAY, run_conf, task_states
+from conftest import FORECAST_DAY, run_conf, scratch_leftovers, task_states
 
 from aifs import layout
 from aifs.manifest import Manifest
@@ -40,10 +40,6 @@ def asset_events(bucket: str):
             select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.name == "aifs_ens_forecasts")
         ).all()
         return [e.extra for e in rows if e.extra.get("bucket") == bucket]
-
-
-def leftovers(scratch) -> list[str]:
-    return [str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file()]
 
 
 class Hostile:
@@ -89,7 +85,7 @@ def test_a_date_fails_on_a_broken_member_then_completes_and_reruns_nothing(
     names = set(bucket_objects(gcs, bucket))
     assert layout.manifest_object(DATE, 1) in names and layout.manifest_object(DATE, 3) in names
     assert layout.manifest_object(DATE, 2) not in names
-    assert leftovers(scratch) == []
+    assert scratch_leftovers(scratch) == []
     assert asset_events(bucket) == []
 
     member_alert = next(m for m in alert_sink.messages if "member 002" in m["title"])
@@ -126,7 +122,7 @@ def test_a_date_fails_on_a_broken_member_then_completes_and_reruns_nothing(
         manifest = Manifest.from_json(gcs.bucket(bucket).blob(layout.manifest_object(DATE, member)).download_as_bytes())
         assert [o.name for o in manifest.objects] == windows
     assert {n: objects[n] for n in finished_before} == finished_before  # members 1 and 3 untouched
-    assert leftovers(scratch) == []
+    assert scratch_leftovers(scratch) == []
     [event] = asset_events(bucket)
     assert event == {"bucket": bucket, "date": DATE, "prefix": f"gs://{bucket}/{DATE}/forecasts/", "members": "1-3", "objects": 6}
     assert alert_sink.messages == []
@@ -140,4 +136,4 @@ def test_a_date_fails_on_a_broken_member_then_completes_and_reruns_nothing(
     assert not any(task == "run_member" and state == "success" for (task, _), state in states.items())
     assert states[("verify", -1)] == "success"
     assert bucket_objects(gcs, bucket) == objects  # not one object rewritten
-    assert leftovers(scratch) == []
+    assert scratch_leftovers(scratch) == []

@@ -227,7 +227,10 @@ def test_stop_member_stops_the_worker(tmp_path):
 
 
 def test_a_checkpoint_that_cannot_load_stops_the_remaining_members(bucket, seed, tiny_checkpoint, tmp_path, monkeypatch, alert_sink, airflow_db):
-    """Exit 15 on the first member: the others skip at once without starting a worker, one task alert."""
+    """Exit 15 on the first member to run: the others skip at once without starting a worker, one task alert.
+
+    dag.test() picks the order of mapped indexes itself, so which index fails first is not fixed.
+    """
     from conftest import load_dag, local_deployment
 
     seed(bucket, "20250601_0000", "1-3")
@@ -240,7 +243,7 @@ def test_a_checkpoint_that_cannot_load_stops_the_remaining_members(bucket, seed,
 
     states = task_states(dr)
     assert dr.state == "failed"
-    assert [states[("run_member", i)] for i in range(3)] == ["failed", "skipped", "skipped"]
+    assert sorted(states[("run_member", i)] for i in range(3)) == ["failed", "skipped", "skipped"]
     assert len(spans(tmp_path)) == 1, "a member after the checkpoint failure started a worker"
     member_alerts = [m for m in alert_sink.messages if "run_member" in m.get("title", "")]
     assert len(member_alerts) == 1 and "checkpoint could not be loaded" in member_alerts[0]["message"]

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import airflow_env, local_deployment, run_conf
+from conftest import airflow_env, local_deployment, run_conf, scratch_leftovers
 
 from aifs import layout
 from aifs.testing.emulator import free_port
@@ -150,7 +150,7 @@ def airflow(emulator, worker_python):
         "FAKE_LONG_STEPS": "600",
         "FAKE_STEPS": "2",
         "FAKE_SLEEP": "0.5",
-        # a member's deadline on the host (and, 15 minutes later, Airflow's own execution_timeout)
+        # a member's deadline on the host (and, after the GPU wait and 5 more minutes, Airflow's own execution_timeout)
         "AIFS_ENS_MEMBER_TIMEOUT_MIN": str(MEMBER_TIMEOUT_S / 60),
     }
     stack = Airflow(home, env)
@@ -208,8 +208,7 @@ def test_members_run_one_at_a_time_and_one_index_can_be_rerun_alone(airflow, gcs
     assert gcs.bucket(bucket).get_blob(layout.manifest_object(DATE, 2)) is not None  # member 2 really ran again
     for member in (1, 3):
         assert gcs.bucket(bucket).get_blob(layout.manifest_object(DATE, member)).generation == manifests[member].generation
-    host_state = {airflow.home / "scratch" / name for name in ("gpu.lock", "gpu.holder")}  # the machine's GPU lock stays
-    assert [str(p) for p in (airflow.home / "scratch").rglob("*") if p.is_file() and p not in host_state] == []  # the rerun's teardown cleaned up too
+    assert scratch_leftovers(airflow.home / "scratch") == []  # the rerun's teardown cleaned up too
 
 
 FAKE_DATE, FAKE_LOGICAL_DATE = "20250602_0000", "2025-06-02T00:00:00Z"

@@ -71,6 +71,7 @@ def _stored(client, bucket_name: str) -> dict[str, tuple[int, str]]:
 
 
 def test_writer_processes_give_the_same_bytes_as_the_in_process_writer(run_main, client, bucket, checkpoint, tmp_path):
+    shutdown_pool()  # a pool left by an earlier test of this process would be reused, not started
     seed(bucket, checkpoint, [1])
     stored = {}
     for writers in (0, 1, 3):

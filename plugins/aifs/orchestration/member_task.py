@@ -41,18 +41,22 @@ worker_log = logging.getLogger("aifs.worker")
 TASK_ID = "run_member"
 #: XCom a member pushes when the checkpoint could not be loaded (exit 15): the run's other members stop.
 CHECKPOINT_FAILED_KEY = "checkpoint_failed"
-#: Airflow's limit on top of the member's own deadline: waiting for the GPU (gpu_wait, 10 min by
-#: default) and stopping the job (up to 90 s) happen inside the task but outside the job's deadline.
-TASK_TIMEOUT_MARGIN = dt.timedelta(minutes=15)
+#: Airflow's limit on top of the member's own deadline and the host's GPU wait: connecting and
+#: stopping the job (up to 90 s) happen inside the task but outside the job's deadline.
+TASK_TIMEOUT_MARGIN = dt.timedelta(minutes=5)
 
 
 class MemberFailed(AirflowException):
     """A member failed in a way a retry may fix; Airflow retries it with backoff."""
 
 
-def task_timeout(member_timeout: dt.timedelta) -> dt.timedelta:
-    """``execution_timeout`` of run_member for a deployment's member timeout (the job's own deadline)."""
-    return member_timeout + TASK_TIMEOUT_MARGIN
+def task_timeout(member_timeout: dt.timedelta, gpu_wait_s: float = 0) -> dt.timedelta:
+    """``execution_timeout`` of run_member: the job's own deadline, plus the longest wait for the GPU.
+
+    Always later than the host's own deadline, so the host's clock decides when a member stops;
+    Airflow's limit (and the on_kill it brings) is the backstop for a host that cannot.
+    """
+    return member_timeout + dt.timedelta(seconds=gpu_wait_s) + TASK_TIMEOUT_MARGIN
 
 
 def checkpoint_failure(ti: Any) -> dict[str, Any] | None:

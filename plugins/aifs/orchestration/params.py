@@ -156,8 +156,10 @@ def param_specs(
             "default": layout.DEFAULT_LEAD_TIME_HOURS,
             "type": "integer",
             "minimum": 6,
+            # a trigger must not be able to hold the GPU for longer than the product's forecast
+            "maximum": layout.DEFAULT_LEAD_TIME_HOURS,
             "multipleOf": 6,
-            "description": "Forecast length in hours (6-hourly steps; 792 = 33 days).",
+            "description": "Forecast length in hours (6-hourly steps; 792 = 33 days, the longest allowed).",
         },
         "upload_threads": {
             "default": layout.DEFAULT_UPLOAD_THREADS,

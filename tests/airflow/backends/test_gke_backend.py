@@ -170,6 +170,7 @@ def test_the_member_task_is_the_providers_pod_operator_and_its_on_kill_deletes_t
     assert isinstance(op, GKEStartPodOperator)
     assert type(op).on_kill is KubernetesPodOperator.on_kill  # killing the task is the provider's business
     assert str(op.on_kill_action.value) == "delete_pod"
+    assert op.log_pod_spec_on_failure is False  # a failed pod's spec would put the env values (secrets) in the log
     op.__dict__["client"] = client = mock.MagicMock()
     op.pod = finished_pod("Running", None)
     op.on_kill()

@@ -164,6 +164,7 @@ class GKEBackend(HostBackend):
             on_finish_action="delete_pod",
             on_kill_action="delete_pod",
             log_events_on_failure=True,
+            log_pod_spec_on_failure=False,  # the spec holds the env values (deployment secrets)
             deferrable=False,
             **reattach,
         )

@@ -62,7 +62,7 @@ def test_deployment_sets_the_defaults_scheduled_runs_use():
         "AIFS_ENS_BACKEND": "gce",
         "AIFS_ENS_HOST": json.dumps(host),
         "AIFS_ENS_BUCKETS": "team-forecasts,team-scratch",
-        "AIFS_ENS_CHECKPOINTS": json.dumps({"ecmwf/aifs-ens-1.0": {"identity": None}}),
+        "AIFS_ENS_CHECKPOINTS": json.dumps({"ecmwf/aifs-ens-1.0": {"identity": "hf:" + "a" * 40}}),
         "AIFS_ENS_PARAM_DEFAULTS": json.dumps({"bucket": "team-scratch", "lead_time": 360}),
         "AIFS_ENS_PARALLEL_MEMBERS": "1",
     })

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from google.auth.transport.requests import AuthorizedSession
 
-from conftest import FORECAST_DAY, load_dag, run_conf, task_states
+from conftest import FORECAST_DAY, PINNED_TEST_CHECKPOINTS, load_dag, run_conf, task_states
 
 from aifs import layout
 from aifs.orchestration.backends import RunInfo, get_backend, remote_job
@@ -77,6 +77,7 @@ def gce_dag(airflow_db, monkeypatch):
     """The DAG under a deployment whose backend is gce (settings as an admin writes them)."""
     monkeypatch.setenv("AIFS_ENS_BACKEND", "gce")
     monkeypatch.setenv("AIFS_ENS_HOST", json.dumps(HOST))
+    monkeypatch.setenv("AIFS_ENS_CHECKPOINTS", PINNED_TEST_CHECKPOINTS)
     # the hook looks its connection up; the fake answers whatever the credentials
     monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", json.dumps({"conn_type": "google_cloud_platform"}))
     return load_dag()

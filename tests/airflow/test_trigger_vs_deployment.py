@@ -14,7 +14,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import DAG_FILE, FORECAST_DAY, TEST_BUCKETS, load_dag, local_deployment, run_conf, task_states
+from conftest import DAG_FILE, FORECAST_DAY, PINNED_TEST_CHECKPOINTS, TEST_BUCKETS, load_dag, local_deployment, run_conf, task_states
 
 from aifs.orchestration.backends import remote_job
 from aifs.orchestration.backends.base import BACKEND_NAMES
@@ -184,9 +184,13 @@ def test_an_env_name_with_shell_syntax_is_a_dag_import_error(backend, monkeypatc
         ({"AIFS_ENS_PARAM_DEFAULTS": '{"image": "x"}'}, "image: a host setting of the ssh/gce/gke backend"),
         ({"AIFS_ENS_PARAM_DEFAULTS": '{"bucket": "elsewhere"}'}, "AIFS_ENS_PARAM_DEFAULTS['bucket']: 'elsewhere' is not one of"),
         ({"AIFS_ENS_PARALLEL_MEMBERS": "4"}, "AIFS_ENS_PARALLEL_MEMBERS=4 needs AIFS_ENS_BACKEND=gke"),
+        # on a GPU host, plan and verify (in Composer, without the file) must compare identities, not names
+        ({"AIFS_ENS_BACKEND": "gce", "AIFS_ENS_HOST": json.dumps(GCE_HOST),
+          "AIFS_ENS_CHECKPOINTS": '{"/opt/a.ckpt": {"identity": null}}'},
+         "AIFS_ENS_CHECKPOINTS: '/opt/a.ckpt' has no identity; on the gce backend every checkpoint needs one"),
     ],
     ids=["backend", "host-schema", "env-value", "gce-required", "host-json", "buckets", "identity",
-         "defaults-host", "defaults-image", "defaults-bucket", "parallel"],
+         "defaults-host", "defaults-image", "defaults-bucket", "parallel", "gpu-host-identity"],
 )
 def test_a_broken_deployment_setting_is_a_dag_import_error_naming_it(env, says, monkeypatch, airflow_db):
     errors = import_errors(monkeypatch, **env)
@@ -264,6 +268,7 @@ def test_the_gke_member_task_keeps_env_values_out_of_its_template_fields(monkeyp
     host = {**MINIMAL_HOST["gke"], "env": {"HF_TOKEN": SECRET}}
     monkeypatch.setenv("AIFS_ENS_BACKEND", "gke")
     monkeypatch.setenv("AIFS_ENS_HOST", json.dumps(host))
+    monkeypatch.setenv("AIFS_ENS_CHECKPOINTS", PINNED_TEST_CHECKPOINTS)
     dag = load_dag()
     mapped = dag.get_task("run_member")
     op = mapped.operator_class(task_id="run_member_probe", config={"backend": "gke"}, member=1, member_timeout_s=3600)
@@ -285,7 +290,10 @@ def test_the_guides_env_file_and_the_compose_stack_are_valid_deployments():
     repo = DAG_FILE.parents[1]
     guide = (repo / "docs" / "operators-guide.md").read_text()
     env_yaml = re.search(r"```yaml\n(# env\.yaml.*?)```", guide, flags=re.DOTALL).group(1)
-    env_file = yaml.safe_load(env_yaml.replace('"BUCKET"', '"team-bucket"'))  # a placeholder in capitals is no bucket name
+    placeholders = {'"BUCKET"': '"team-bucket"', "CHECKPOINT_SHA256": "0" * 64, "CHECKPOINT_COMMIT": "a" * 40}
+    for placeholder, value in placeholders.items():  # a placeholder in capitals is no bucket name, no hash
+        env_yaml = env_yaml.replace(placeholder, value)
+    env_file = yaml.safe_load(env_yaml)
     settings = DeploymentSettings.from_env({k: str(v) for k, v in env_file.items()})
     assert settings.backend == "gce" and settings.get_backend().settings["gpu"] == "a100-80gb"
     config = resolve(settings, bucket="team-bucket", checkpoint="/opt/aifs/checkpoints/aifs-ens-crps-1.0.ckpt")

@@ -30,7 +30,8 @@ AIFS_ENS_BUCKETS             the original bucket       JSON list (or comma-separ
                                                        trigger may choose; the first is the default
 AIFS_ENS_CHECKPOINTS         {"ecmwf/aifs-ens-1.0":    JSON object: checkpoint a trigger may choose ->
                               {"identity": null}}      {"identity": "sha256:<hex>" | "hf:<rev>" | null},
-                                                       the identity the worker must find; first: default
+                                                       the identity the worker must find; first: default;
+                                                       null (not checked) only on the local backend
 AIFS_ENS_PARAM_DEFAULTS      {}                        JSON object: defaults of trigger params for scheduled
                                                        runs and backfills, e.g. {"members": "1-50",
                                                        "lead_time": 792}; deployment settings refused
@@ -98,6 +99,7 @@ class DeploymentSettings:
             )
         buckets = _buckets(env.get("AIFS_ENS_BUCKETS", ""))
         checkpoints = _checkpoints(env.get("AIFS_ENS_CHECKPOINTS", ""))
+        _require_identities(backend, checkpoints)
         defaults = _json_object("AIFS_ENS_PARAM_DEFAULTS", env.get("AIFS_ENS_PARAM_DEFAULTS", ""))
         specs = with_defaults(param_specs(cycle_hour, buckets=buckets, checkpoints=list(checkpoints)), defaults)
         return cls(
@@ -187,6 +189,25 @@ def _checkpoints(text: str) -> dict[str, str | None]:
             raise ValueError(f"AIFS_ENS_CHECKPOINTS[{ref!r}]: identity {identity!r} is not sha256:<64 hex>, hf:<revision> or null")
         checkpoints[ref] = identity
     return checkpoints
+
+
+def _require_identities(backend: str, checkpoints: dict[str, str | None]) -> None:
+    """On a GPU host, every allowed checkpoint names its identity.
+
+    Planning and verifying run here, where the checkpoint file is not: without an identity they can
+    only compare names, and a rebuilt image with another checkpoint at the same path would find
+    yesterday's members complete. Only the local backend (this machine's own file) may go without.
+    """
+    if backend == "local":
+        return
+    missing = [ref for ref, identity in checkpoints.items() if identity is None]
+    if missing:
+        raise ValueError(
+            f"AIFS_ENS_CHECKPOINTS: {', '.join(map(repr, missing))} has no identity; on the {backend} backend every "
+            'checkpoint needs one, {"identity": "sha256:<hex>"} for a file (the worker image build prints it: '
+            '"checkpoint identity: ...") or "hf:<commit>" for a Hugging Face id (the commit the image baked), '
+            "so that a member made with another checkpoint under the same name is never taken as complete"
+        )
 
 
 def _json_object(name: str, text: str) -> dict[str, Any]:

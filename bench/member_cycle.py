@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/member_cycle.py [--step-seconds 1.5] [--fields 102] [--lead-time 216]
         [--modes writers,in-process,serial] [--grib-writers N] [--json OUT]
-    .venv/bin/python bench/member_cycle.py --matrix      # what `make bench` runs (~20 min on 2 cores)
+    .venv/bin/python bench/member_cycle.py --matrix      # what `make bench` runs (~35 min on 2 cores; one process per configuration)
 
 Real parts: a gcp-storage-emulator process (the worker reaches it through STORAGE_EMULATOR_HOST),
 the real anemoi-inference runner on the tiny N320 checkpoint with 102 (AIFS-ENS v1) or 120
@@ -572,6 +572,40 @@ class Bench:
         return report(args, figures, input_bytes, reference=modes[-1] if "in-process" not in modes else "in-process")
 
 
+def matrix_configurations() -> list[list[str]]:
+    """The configurations of ``--matrix``, as command-line arguments of one single-configuration run."""
+    configs = [["--step-seconds", str(step), "--fields", str(fields), "--lead-time", "216", "--modes", "writers,in-process"]
+               for step in (4.0, 1.0) for fields in (102, 120)]
+    cores = len(os.sched_getaffinity(0))
+    configs += [["--step-seconds", "0.25", "--fields", "120", "--lead-time", "72", "--modes", "writers", "--grib-writers", str(n)]
+                for n in sorted({1, max(1, cores - 1), cores})]
+    return configs
+
+
+def run_matrix(args, work: Path) -> list[dict]:
+    """Each configuration in a process (and with an emulator) of its own.
+
+    One process for the whole matrix let the in-memory emulator and the bench grow with every
+    configuration until the kernel killed one (seen: 20 GB after two configurations on 24 GB).
+    A fresh process per configuration also starts each one from the same state.
+    """
+    import subprocess
+
+    results = []
+    for i, config in enumerate(matrix_configurations()):
+        out = work / f"matrix-{i}.json"
+        common = ["--upload-threads", str(args.upload_threads), "--torch-threads", str(args.torch_threads)]
+        if args.grib_writers is not None and "--grib-writers" not in config:
+            common += ["--grib-writers", str(args.grib_writers)]
+        if args.stock_emulator:
+            common.append("--stock-emulator")
+        command = [sys.executable, str(Path(__file__).resolve()), *config, *common, "--json", str(out)]
+        phase(f"matrix {i + 1}/{len(matrix_configurations())}: {' '.join(config)}")
+        subprocess.run(command, check=True)
+        results.append(json.loads(out.read_text()))
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging()
@@ -583,17 +617,8 @@ def main(argv=None) -> int:
     bench = Bench(args, work)
     results = []
     try:
-        bench.start()
         if args.matrix:
-            for step_seconds in (4.0, 1.0):
-                for fields in (102, 120):
-                    results.append(bench.configuration(step_seconds, fields, 216, ["writers", "in-process"]))
-            phase("GRIB messages/s against the number of writers (120 fields, 0.25 s step, 72 h)")
-            cores = len(os.sched_getaffinity(0))
-            for writers in sorted({1, max(1, cores - 1), cores}):
-                bench.args.grib_writers = writers
-                results.append(bench.configuration(0.25, 120, 72, ["writers"]))
-            bench.args.grib_writers = None
+            results += run_matrix(args, work)
             print()
             print("summary (wall/model; GRIB messages/s; peak memory GB; peak disk GB):")
             for r in results:
@@ -604,6 +629,7 @@ def main(argv=None) -> int:
                           f"{f['ratio']:.3f}; {f['msg_per_s']:.1f} msg/s; {f['peak_memory_bytes'] / 1e9:.2f} GB; "
                           f"{f['peak_disk_bytes'] / 1e9:.2f} GB")
         else:
+            bench.start()
             modes = [m.strip() for m in args.modes.split(",") if m.strip()]
             unknown = set(modes) - {"writers", "in-process", "serial"}
             if unknown:

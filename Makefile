@@ -13,9 +13,11 @@ all: env
 
 env: $(WORKER_VENV)/.built $(AIRFLOW_VENV)/.built
 
-$(WORKER_VENV)/.built: requirements-worker.txt requirements-test.txt pyproject.toml
+WORKER_REQUIREMENTS := requirements-worker.txt requirements-inputs.txt requirements-products.txt requirements-test.txt
+
+$(WORKER_VENV)/.built: $(WORKER_REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(WORKER_VENV)
-	$(WORKER_PY) -m pip install $(PIP_FLAGS) -r requirements-worker.txt -r requirements-test.txt
+	$(WORKER_PY) -m pip install $(PIP_FLAGS) $(addprefix -r ,$(WORKER_REQUIREMENTS))
 	$(WORKER_PY) -m pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 

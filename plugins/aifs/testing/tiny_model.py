@@ -126,6 +126,9 @@ def build_checkpoint(
 ) -> str:
     """Write a tiny checkpoint for ``grid`` (a builtin template grid: O48, O96, N128, N320)."""
     from anemoi.utils.checkpoints import save_metadata
+    from anemoi.utils.provenance import gather_provenance_info
+
+    import anemoi.models  # noqa: F401 - provenance records the modules imported: this environment's anemoi-models
 
     latitudes, longitudes = builtin_grid_latlon(grid)
     variables = list(prognostic) + list(constant) + list(COMPUTED) + list(diagnostic)
@@ -176,6 +179,9 @@ def build_checkpoint(
             "variables_metadata": variables_metadata,
             "data_request": {"grid": grid},
         },
+        # what anemoi-training records: the versions the checkpoint was made with (here: this
+        # environment's); aifs.generations chooses the worker environment from it
+        "provenance_training": gather_provenance_info(),
     }
     model = TinyEnsModel(
         [model_in[v] for v in prognostic],

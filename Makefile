@@ -4,6 +4,9 @@ PYTHON ?= python3
 WORKER_VENV := .venv
 AIRFLOW_VENV := .venv-airflow
 WORKER_PY := $(WORKER_VENV)/bin/python
+# AIFS-ENS 2.0's worker environment (aifs.generations "v2": anemoi-models 0.11, torch-geometric)
+V2_VENV := .venv-v2
+V2_PY := $(V2_VENV)/bin/python
 AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 
@@ -11,7 +14,7 @@ PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 
 all: env
 
-env: $(WORKER_VENV)/.built $(AIRFLOW_VENV)/.built
+env: $(WORKER_VENV)/.built $(V2_VENV)/.built $(AIRFLOW_VENV)/.built
 
 WORKER_REQUIREMENTS := requirements-worker.txt requirements-inputs.txt requirements-products.txt requirements-test.txt
 
@@ -19,6 +22,13 @@ $(WORKER_VENV)/.built: $(WORKER_REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(WORKER_VENV)
 	$(WORKER_PY) -m pip install $(PIP_FLAGS) $(addprefix -r ,$(WORKER_REQUIREMENTS))
 	$(WORKER_PY) -m pip install $(PIP_FLAGS) --no-deps -e .
+	touch $@
+
+# the v2 model stack and the test tools only (inputs/products tools stay in the v1 environment)
+$(V2_VENV)/.built: requirements-worker-v2.txt requirements-test.txt pyproject.toml
+	$(PYTHON) -m venv $(V2_VENV)
+	$(V2_PY) -m pip install $(PIP_FLAGS) -r requirements-worker-v2.txt -r requirements-test.txt
+	$(V2_PY) -m pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
 $(AIRFLOW_VENV)/.built: requirements.txt requirements-airflow-local.txt requirements-test.txt pyproject.toml
@@ -30,21 +40,24 @@ $(AIRFLOW_VENV)/.built: requirements.txt requirements-airflow-local.txt requirem
 # Worker tests run in the worker environment, DAG tests in Airflow's; together they are the suite.
 test: env
 	$(WORKER_PY) -m pytest tests/worker tests/contracts
-	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) $(AIRFLOW_PY) -m pytest tests/airflow
+	$(V2_PY) -m pytest tests/worker_v2
+	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) AIFS_WORKER_PYTHON_V2=$(abspath $(V2_PY)) $(AIRFLOW_PY) -m pytest tests/airflow
 
 test-worker: $(WORKER_VENV)/.built
 	$(WORKER_PY) -m pytest tests/worker tests/contracts
 
 test-airflow: env
-	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) $(AIRFLOW_PY) -m pytest tests/airflow
+	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) AIFS_WORKER_PYTHON_V2=$(abspath $(V2_PY)) $(AIRFLOW_PY) -m pytest tests/airflow
 
 demo: env
-	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) AIRFLOW_PYTHON=$(abspath $(AIRFLOW_PY)) bash include/demo.sh
+	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) AIFS_WORKER_PYTHON_V2=$(abspath $(V2_PY)) AIRFLOW_PYTHON=$(abspath $(AIRFLOW_PY)) bash include/demo.sh
 
 # 216 h at 4 s and 1 s stand-in steps x 102 and 120 fields, GRIB writer processes vs the in-process
 # writer, then GRIB messages/s against the number of writers (~20 min on 2 cores)
-bench: $(WORKER_VENV)/.built
+# then AIFS-ENS 2.0's tiny real architecture (its own CPU step time, ~30 s at N320 on 2 cores: 72 h, ~12 min)
+bench: $(WORKER_VENV)/.built $(V2_VENV)/.built
 	$(WORKER_PY) bench/member_cycle.py --matrix
+	$(V2_PY) bench/member_cycle.py --generation v2 --lead-time 72 --modes writers,in-process
 
 clean:
-	rm -rf $(WORKER_VENV) $(AIRFLOW_VENV) .demo
+	rm -rf $(WORKER_VENV) $(V2_VENV) $(AIRFLOW_VENV) .demo

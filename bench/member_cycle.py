@@ -302,7 +302,8 @@ def run_baseline(args, model, meter, bucket, dirs) -> dict:
                 window = window_of(hour, args.lead_time)
                 path = os.path.join(dirs["output"], forecast_filename(DATE, MEMBER, window.start, window.end))
                 files.append((path, forecast_object(DATE, MEMBER, window.start, window.end)))
-                config = {"grib": {"path": path, "encoding": ensemble_encoding(MEMBER), "write_initial_state": False}}
+                config = {"grib": {"path": path, "encoding": ensemble_encoding(MEMBER), "write_initial_state": False,
+                                   **model.grib_output_options()}}  # the checkpoint's field rules, as the worker
                 output = create_output(model.runner, config, model.metadata)
             # Accumulate.process replaces entries of state["fields"]: keep the runner's own dict intact
             output.write_state(accumulate.process({**step_state, "fields": dict(step_state["fields"])}))
@@ -345,7 +346,8 @@ def warm_up(model, dirs, state) -> None:
     from aifs.worker.windows import ensemble_encoding
 
     path = os.path.join(dirs["output"], "warmup.grib")
-    output = create_output(model.runner, {"grib": {"path": path, "encoding": ensemble_encoding(MEMBER)}}, model.metadata)
+    output = create_output(model.runner, {"grib": {"path": path, "encoding": ensemble_encoding(MEMBER),
+                                                   **model.grib_output_options()}}, model.metadata)
     accumulate = model.accumulator()
     for s in model.forecast(state, 6, 0):
         if s["step"] > dt.timedelta(0):
@@ -378,7 +380,7 @@ def report(args, figures: dict, input_bytes: int, reference: str) -> dict:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     print()
-    print(f"one member, N320 ({args.fields} output fields a step), lead time {args.lead_time} h "
+    print(f"one member, {args.generation} tiny model, N320 ({args.fields} output fields a step), lead time {args.lead_time} h "
           f"({args.steps} steps, {args.windows} windows), step {args.step_seconds} s, {args.upload_threads} upload threads, "
           f"{len(os.sched_getaffinity(0))} cores, torch threads {torch_threads()}, "
           f"{'stock' if args.stock_emulator else 'linear-upload'} emulator")
@@ -414,7 +416,7 @@ def report(args, figures: dict, input_bytes: int, reference: str) -> dict:
               f"({f['peak_disk_bytes'] / 1e9:.2f} GB <= {two:.2f} GB)")
     return {
         "config": {"grid": "N320", "fields": args.fields, "lead_time": args.lead_time, "steps": args.steps,
-                   "windows": args.windows, "step_seconds": args.step_seconds, "upload_threads": args.upload_threads,
+                   "windows": args.windows, "step_seconds": args.step_seconds, "generation": args.generation, "upload_threads": args.upload_threads,
                    "grib_writers": args.grib_writers, "cpus": len(os.sched_getaffinity(0)),
                    "torch_threads": torch_threads(), "stock_emulator": args.stock_emulator},
         "input_bytes": input_bytes,
@@ -442,10 +444,40 @@ def variable_sets(fields: int) -> tuple[list[str], list[str], list[str]]:
     return prognostic, list(BENCH_CONSTANT), list(BENCH_DIAGNOSTIC)
 
 
+def v2_checkpoint_and_input(work: Path, when) -> tuple[str, dict]:
+    """The tiny v2 architecture at N320 with AIFS-ENS 2.0's 120 GRIB fields, and an input as open data gives it."""
+    import numpy as np
+
+    from aifs.testing import tiny_model_v2
+    from aifs.testing.synthetic import make_input_state, synthetic_input_seed
+    from aifs.testing.tiny_model import builtin_grid_latlon
+
+    path = tiny_model_v2.build_checkpoint(str(work / "tiny-v2-n320.ckpt"), grid="N320",
+                                          prognostic=tiny_model_v2.BENCH_PROGNOSTIC,
+                                          constant=tiny_model_v2.BENCH_CONSTANT,
+                                          diagnostic=tiny_model_v2.BENCH_DIAGNOSTIC)
+    state = make_input_state(path, when, seed=synthetic_input_seed(when, MEMBER))
+    lat, lon = builtin_grid_latlon("N320")
+    land = np.sin(np.deg2rad(lon) * 2 + 0.5) * np.cos(np.deg2rad(lat)) > 0.3
+    fields = state["fields"]
+    fields["lsm"][:] = land
+    for name in tiny_model_v2.LAND_ONLY:
+        fields[name][:, ~land] = np.nan
+    for name in tiny_model_v2.WAVES:
+        fields[name][:, land] = np.nan
+    return path, state
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--step-seconds", type=float, default=1.5, help="fixed time per model step (default %(default)s)")
     p.add_argument("--fields", type=int, default=102, choices=[102, 120], help="output fields a step (default %(default)s)")
+    p.add_argument(
+        "--generation", choices=["v1", "v2"], default="v1",
+        help="v1: the stand-in model held to --step-seconds (any environment); v2: AIFS-ENS 2.0's real anemoi-models "
+        "0.11 ensemble architecture, tiny and untrained, 120 GRIB fields a step (waves NaN over land, mwd from "
+        "cos/sin), its own CPU time a step (--step-seconds does not apply); run it with .venv-v2's python",
+    )
     p.add_argument("--lead-time", type=int, default=216, help="hours, 72 h a window (default %(default)s = 3 windows)")
     p.add_argument("--modes", default="writers,in-process",
                    help="comma-separated, first is the reference for the others: writers, in-process, serial "
@@ -511,22 +543,29 @@ class Bench:
 
         args = argparse.Namespace(**vars(self.args))
         args.step_seconds, args.fields, args.lead_time = step_seconds, fields, lead_time
+        if args.generation == "v2":
+            args.step_seconds, args.fields = 0.0, 120  # the real architecture's own step time; v2's field count
+            step_seconds, fields = args.step_seconds, args.fields
         args.grib_writers = writers_setting(args.grib_writers) or 1
         if args.target_ratio is None:
             args.target_ratio = 1.05 if step_seconds >= 2 else 1.10
-        tag = f"{fields}f-{step_seconds:g}s-{lead_time}h-{args.grib_writers}w"
+        tag = f"{args.generation}-{fields}f-{step_seconds:g}s-{lead_time}h-{args.grib_writers}w"
         work = self.work / tag
         # one pair of dirs per mode: anemoi-inference refuses a GRIB path used before in the process
         mode_dirs = {m: {"input": str(work / m / "input"), "output": str(work / m / "output")} for m in modes}
         for dirs in mode_dirs.values():
             for d in dirs.values():
                 os.makedirs(d, exist_ok=True)
-        phase(f"setup {tag}: tiny N320 checkpoint, {fields} fields, {step_seconds} s a step")
-        prognostic, constant, diagnostic = variable_sets(fields)
-        args.checkpoint_path = build_checkpoint(str(work / "tiny-n320.ckpt"), grid="N320", prognostic=prognostic,
-                                                constant=constant, diagnostic=diagnostic, step_seconds=step_seconds)
+        phase(f"setup {tag}: tiny N320 checkpoint ({args.generation}), {fields} fields, "
+              + (f"{step_seconds} s a step" if args.generation == "v1" else "the v2 architecture's own step time"))
         when = parse_date(DATE)
-        input_state = make_input_state(args.checkpoint_path, when, seed=synthetic_input_seed(when, MEMBER))
+        if args.generation == "v2":
+            args.checkpoint_path, input_state = v2_checkpoint_and_input(work, when)
+        else:
+            prognostic, constant, diagnostic = variable_sets(fields)
+            args.checkpoint_path = build_checkpoint(str(work / "tiny-n320.ckpt"), grid="N320", prognostic=prognostic,
+                                                    constant=constant, diagnostic=diagnostic, step_seconds=step_seconds)
+            input_state = make_input_state(args.checkpoint_path, when, seed=synthetic_input_seed(when, MEMBER))
         data = pickle.dumps(input_state, protocol=pickle.HIGHEST_PROTOCOL)
         input_bytes = len(data)
         self.bucket.blob(input_object(DATE, MEMBER)).upload_from_string(data, checksum="crc32c")

@@ -1,7 +1,7 @@
 """AIFS-ENS ensemble forecast: one date, members one at a time on a GPU host, verified.
 
-    check_params -> plan -> wait_for_inputs -> create_host -> run_member x N -> delete_host -> verify
-                                                 (setup)     (one at a time)   (teardown)
+    check_params -> plan -> wait_for_inputs    -> create_host -> run_member x N -> delete_host -> verify
+                         -> choose_environment     (setup)     (one at a time)   (teardown)
 
 * **check_params** fails the run before any host exists when a param is wrong or the conf names
   a deployment setting (backend, host settings, connections: an admin's, not a trigger's), saying why.
@@ -11,6 +11,10 @@
   run's lead time, checkpoint and windows, every object verifying): complete members never run
   twice, so rerunning a whole date only costs what is missing, and a member left by another run
   (a smoke test's shorter lead time) or with a damaged object is redone.
+* **choose_environment** reads the run's checkpoint's own metadata (only its small JSON entry, from
+  a file, gs:// or Hugging Face) and picks the worker environment that loads it (aifs.generations:
+  v1 = AIFS-ENS 1.0, v2 = AIFS-ENS 2.0): the image (ssh/gce/gke ``images``) or worker Python (local).
+  A checkpoint no environment loads, or one it cannot read, fails the run here, before any host.
 * **create_host** makes the GPU host (AIFS_ENS_BACKEND: local, ssh, gce, gke). Skipped when nothing
   is planned. A failed try leaves what it made for the next try to adopt (creation is idempotent
   by name); the last try deletes it, since Airflow skips the teardown when its setup failed.
@@ -37,12 +41,14 @@ from __future__ import annotations
 
 import logging
 
-from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, setup, task, teardown
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, setup, task, teardown
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from aifs.members import format_members, member_label
 from aifs.orchestration.alerts import FINDINGS_KEY, run_failure_alert, task_failure_alert
+from aifs.orchestration.assets import FORECASTS  # emitted by verify: where the forecasts are (consumers: aifs_ens_products)
 from aifs.orchestration.deployment import DeploymentSettings
+from aifs.orchestration.inputs_asset import forecast_schedule, inputs_event_params
 from aifs.orchestration.member_task import MemberFailed, task_timeout  # noqa: F401 - MemberFailed: tests and alerts name it
 from aifs.orchestration.params import DAG_ID, BadParams, resolve_run_config
 from aifs.orchestration.retrying import DELETE_HOST_RETRIES, STORAGE_TASK_RETRIES
@@ -52,14 +58,13 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT = DeploymentSettings.from_env()
 
-#: Emitted once a date's members all verify; its event's extra says where they are.
-FORECASTS = Asset(name="aifs_ens_forecasts", uri="aifs://aifs-ens/forecasts")
 
 
 def _run_info(config: dict):
     from aifs.orchestration.backends.base import RunInfo
 
-    return RunInfo(dag_id=config["dag_id"], run_id=config["run_id"], date=config["date"])
+    # generation: set by choose_environment (absent in runs checked before it existed: the deployment's one image)
+    return RunInfo(dag_id=config["dag_id"], run_id=config["run_id"], date=config["date"], generation=config.get("generation"))
 
 
 def _backend(config: dict):
@@ -97,7 +102,8 @@ def _member_operator():
 
 @dag(
     dag_id=DAG_ID,
-    schedule=DEPLOYMENT.schedule,
+    # AIFS_ENS_FORECAST_TRIGGER: the cron (time), each aifs_ens_inputs asset event (inputs), or either
+    schedule=forecast_schedule(DEPLOYMENT.forecast_trigger, DEPLOYMENT.schedule),
     start_date=DEPLOYMENT.start_date,
     catchup=DEPLOYMENT.catchup,
     max_active_runs=DEPLOYMENT.max_active_runs,
@@ -114,7 +120,8 @@ def aifs_ens_forecast():
         dag_run = context["dag_run"]
         try:
             config = resolve_run_config(
-                dict(context["params"]),
+                # a run started by an aifs_ens_inputs event forecasts that event's date (members, bucket, checkpoint)
+                {**dict(context["params"]), **inputs_event_params(context)},
                 deployment=DEPLOYMENT,
                 dag_id=dag_run.dag_id,
                 run_id=dag_run.run_id,
@@ -141,6 +148,32 @@ def aifs_ens_forecast():
             format_members(found.finished) or "none",
         )
         return found.todo
+
+    # reads the checkpoint's metadata (a file here, gs:// or Hugging Face): a network hiccup retries
+    @task(retries=STORAGE_TASK_RETRIES, retry_delay=DEPLOYMENT.retry_delay, retry_exponential_backoff=True)
+    def choose_environment(config: dict, planned: list[int]) -> dict:
+        """The run's config plus ``generation``: which image or worker Python loads its checkpoint."""
+        if not planned:
+            raise AirflowSkipException("every selected member is finished: no worker environment needed")
+        from aifs.generations import UnsupportedCheckpoint
+        from aifs.orchestration.backends.base import NoEnvironment
+        from aifs.orchestration.checkpoints import CheckpointUnreadable, GenerationMismatch, choose_generation
+
+        checkpoint = config["worker"]["checkpoint"]
+        try:
+            generation = choose_generation(
+                checkpoint,
+                backend=config["backend"],
+                declared=DEPLOYMENT.checkpoint_generations.get(checkpoint),
+                identity=config["worker"]["checkpoint_identity"],
+                gcp_conn_id=config["gcp_conn_id"],
+                log=log.info,
+            )
+            environment = _backend(config).environment_for(generation.name)
+        except (UnsupportedCheckpoint, CheckpointUnreadable, GenerationMismatch, NoEnvironment) as exc:
+            raise AirflowFailException(f"{exc}\nNo host was created.") from None
+        log.info("%s runs in generation %s's environment: %s", checkpoint, generation.name, environment)
+        return {**config, "generation": generation.name}
 
     @setup
     @task(retries=DEPLOYMENT.host_retries, retry_delay=DEPLOYMENT.retry_delay, retry_exponential_backoff=True)
@@ -241,10 +274,12 @@ def aifs_ens_forecast():
     planned = plan(config)
     # only the planned members' inputs: a finished member needs none (its inputs may be long gone)
     wait_for_inputs = WaitForInputsSensor(task_id="wait_for_inputs", config=config, members=planned)
-    host = create_host(config, planned)
+    # the checkpoint's own record picks the image or worker Python; no environment loads it: no host
+    run_config = choose_environment(config, planned)
+    host = create_host(run_config, planned)
     members = _member_operator().partial(
         task_id="run_member",
-        config=config,
+        config=run_config,
         member_timeout_s=DEPLOYMENT.member_timeout.total_seconds(),  # the job's deadline, from its launch, on the host
         max_active_tis_per_dagrun=DEPLOYMENT.parallel_members,  # 1: one GPU host, one member at a time
         retries=DEPLOYMENT.member_retries,
@@ -253,7 +288,7 @@ def aifs_ens_forecast():
         execution_timeout=task_timeout(DEPLOYMENT.member_timeout, DEPLOYMENT.host.get("gpu_wait", 0)),
         map_index_template="{{ 'member %03d' % task.member }}",
     ).expand(member=planned)
-    removed = delete_host(config, host)
+    removed = delete_host(run_config, host)
 
     wait_for_inputs >> host
     host >> members >> removed

@@ -18,7 +18,7 @@ DEFAULT_INPUT_DIR = "/scratch/input_states"
 DEFAULT_OUTPUT_DIR = "/scratch/ensemble_outputs"
 DEFAULT_UPLOAD_THREADS = 5
 UPLOAD_CHUNK_BYTES = 32 * 1024 * 1024
-DEFAULT_CHECKPOINT = "ecmwf/aifs-ens-1.0"
+DEFAULT_CHECKPOINT = "ecmwf/aifs-ens-2.0"  # AIFS-ENS 2.0, operational at ECMWF since 12 May 2026 (aifs.generations)
 DEFAULT_LEAD_TIME_HOURS = 792
 WINDOW_HOURS = 72
 
@@ -46,6 +46,14 @@ def format_date(when: _dt.datetime) -> str:
 
 def input_object(date: str, member: int) -> str:
     return f"{date}/input/input_state_member_{member:03d}.pkl"
+
+
+def input_manifest_object(date: str, member: int) -> str:
+    """Manifest of one member's input state (aifs.inputs): sources, sizes, crc32c, checkpoint.
+
+    In its own folder, so nothing that lists or waits for ``{date}/input/*.pkl`` ever sees it.
+    """
+    return f"{date}/input_manifests/input_state_member_{member:03d}.json"
 
 
 def input_filename(member: int) -> str:
@@ -109,3 +117,37 @@ def windows(lead_time: int, window: int = WINDOW_HOURS) -> list[Window]:
 def window_of(hour: int, lead_time: int, window: int = WINDOW_HOURS) -> Window:
     start = (hour - 1) // window * window
     return Window(start, min(start + window, lead_time))
+
+
+# -- products (aifs.products): AI Weather Quest files, pictures and the report -------------------
+
+
+def products_prefix(date: str) -> str:
+    return f"{date}/products/"
+
+
+def product_object(date: str, filename: str) -> str:
+    """Any products file (NetCDF, PNG) by its plain file name, under the date's products prefix."""
+    if "/" in filename or not filename:
+        raise ValueError(f"bad products file name {filename!r}")
+    return products_prefix(date) + filename
+
+
+def products_manifest_object(date: str) -> str:
+    """Lists every products file, the members used and whether the ensemble was partial; written last."""
+    return products_prefix(date) + "products_manifest.json"
+
+
+def products_report_object(date: str) -> str:
+    """The HTML page linking the pictures (relative links: it works opened from the prefix)."""
+    return products_prefix(date) + "report.html"
+
+
+def submission_marker_object(date: str) -> str:
+    """Written only after a successful AI Weather Quest submission: its presence means never submit again."""
+    return products_prefix(date) + "submitted.json"
+
+
+def aiwq_filename(variable: str, date: str, period: int, team: str, model: str) -> str:
+    """The competition's file name, ``{var}_{YYYYMMDD}_p{1|2}_{team}_{model}.nc`` (date: YYYYMMDD_HHMM or YYYYMMDD)."""
+    return f"{variable}_{date[:8]}_p{period}_{team}_{model}.nc"

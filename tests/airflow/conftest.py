@@ -53,8 +53,9 @@ TEST_BUCKETS = [f"aifs-test-{i:03d}" for i in range(200)]
 #: Checkpoints a test may name: the deployment allows only listed ones (the tiny model, and a name
 #: for runs that never load one).
 TEST_CHECKPOINTS = {str(AIRFLOW_HOME / "tiny-o48.ckpt"): {"identity": None}, "tiny.ckpt": {"identity": None}}
-#: The same checkpoints with identities, as a GPU-host backend requires (AIFS_ENS_CHECKPOINTS).
-PINNED_TEST_CHECKPOINTS = json.dumps({ref: {"identity": "sha256:" + "0" * 64} for ref in TEST_CHECKPOINTS})
+#: The same checkpoints with identities, as a GPU-host backend requires (AIFS_ENS_CHECKPOINTS), and their
+#: generation: paths on a GPU host, which Airflow cannot read, are declared.
+PINNED_TEST_CHECKPOINTS = json.dumps({ref: {"identity": "sha256:" + "0" * 64, "generation": "v1"} for ref in TEST_CHECKPOINTS})
 
 
 def deployment_lists() -> dict[str, str]:

@@ -89,12 +89,15 @@ def test_tasks_in_order(dag):
         return dag.get_task(task_id).downstream_task_ids
 
     assert set(dag.task_ids) == {
-        "check_params", "wait_for_inputs", "plan", "create_host", "run_member", "delete_host", "verify"
+        "check_params", "wait_for_inputs", "plan", "choose_environment", "create_host", "run_member", "delete_host", "verify"
     }
     assert "plan" in downstream("check_params")
     assert "wait_for_inputs" in downstream("plan")  # plan first: the wait covers only planned members
     assert "create_host" in downstream("wait_for_inputs")
     assert "create_host" in downstream("plan")
+    # the checkpoint's generation picks the image or worker Python before any host exists
+    assert "choose_environment" in downstream("plan") and "create_host" in downstream("choose_environment")
+    assert {"run_member", "delete_host"} <= downstream("choose_environment")  # they take its config (with the generation)
     assert "run_member" in downstream("create_host")
     assert "delete_host" in downstream("run_member")
     assert downstream("delete_host") == {"verify"}
@@ -140,7 +143,7 @@ def test_alerts_are_wired(dag):
     from aifs.orchestration.alerts import run_failure_alert, task_failure_alert
 
     assert dag.on_failure_callback in (run_failure_alert, [run_failure_alert])
-    for task_id in ("check_params", "wait_for_inputs", "plan", "create_host", "run_member", "delete_host"):
+    for task_id in ("check_params", "wait_for_inputs", "plan", "choose_environment", "create_host", "run_member", "delete_host"):
         callbacks = dag.get_task(task_id).on_failure_callback
         assert task_failure_alert in (callbacks if isinstance(callbacks, list) else [callbacks]), task_id
 

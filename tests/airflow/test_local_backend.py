@@ -239,7 +239,8 @@ def test_a_checkpoint_that_cannot_load_stops_the_remaining_members(bucket, seed,
         monkeypatch.setenv(name, value)
     dag = load_dag()
 
-    dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(bucket, "tiny.ckpt", members="1-3", lead_time=72))
+    # a real checkpoint (choose_environment reads it); the fake worker says it could not load it
+    dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(bucket, tiny_checkpoint, members="1-3", lead_time=72))
 
     states = task_states(dr)
     assert dr.state == "failed"

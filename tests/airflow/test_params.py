@@ -34,7 +34,7 @@ def test_member_selection_syntax_and_explicit_date():
     assert config["members_text"] == "1-3,7,20-21"
     assert config["date"] == "20251127_1200"
     assert config["worker"] == {
-        **config["worker"], "lead_time": 144, "precision": "16", "num_chunks": 16, "checkpoint": "ecmwf/aifs-ens-1.0"
+        **config["worker"], "lead_time": 144, "precision": "16", "num_chunks": 16, "checkpoint": "ecmwf/aifs-ens-2.0"
     }
 
 
@@ -53,7 +53,7 @@ def test_member_selection_syntax_and_explicit_date():
         ({"upload_threads": 0}, "upload_threads: 0 is less than the minimum"),
         ({"precision": "64"}, "precision: '64' is not one of"),
         ({"bucket": "Bad Bucket"}, "bucket: 'Bad Bucket' is not one of ['aifs-aiquest-us-20251127']"),
-        ({"checkpoint": "/tmp/mine.ckpt"}, "checkpoint: '/tmp/mine.ckpt' is not one of ['ecmwf/aifs-ens-1.0']"),
+        ({"checkpoint": "/tmp/mine.ckpt"}, "checkpoint: '/tmp/mine.ckpt' is not one of ['ecmwf/aifs-ens-2.0', 'ecmwf/aifs-ens-1.0']"),
         ({"colour": "red"}, "unknown params: colour"),
     ],
 )

@@ -214,7 +214,7 @@ def test_members_run_one_at_a_time_and_one_index_can_be_rerun_alone(airflow, gcs
 FAKE_DATE, FAKE_LOGICAL_DATE = "20250602_0000", "2025-06-02T00:00:00Z"
 
 
-def test_a_killed_or_timed_out_member_is_stopped_on_the_host_and_the_next_never_overlaps(airflow, bucket, seed):
+def test_a_killed_or_timed_out_member_is_stopped_on_the_host_and_the_next_never_overlaps(airflow, bucket, seed, tiny_checkpoint):
     """Member 1 is marked failed while it runs; member 2 outlives its timeout. Judged by the jobs'
     own start and end times on the host (the fake worker records them), not by Airflow's."""
     from backends.backend_helpers import assert_no_overlap, job_spans
@@ -227,7 +227,7 @@ def test_a_killed_or_timed_out_member_is_stopped_on_the_host_and_the_next_never_
         return [s for s in job_spans(times) if f"--date {FAKE_DATE}" in s[2] and (member is None or f"--members {member} " in s[2])]
 
     airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
-    conf = run_conf(bucket, "tiny.ckpt", members="1-3", lead_time=72)
+    conf = run_conf(bucket, tiny_checkpoint, members="1-3", lead_time=72)  # real: choose_environment reads it
     run_id = airflow.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": FAKE_LOGICAL_DATE, "conf": conf})["dag_run_id"]
 
     airflow.wait_for(lambda: jobs(1), "member 1's job to start", timeout=180)

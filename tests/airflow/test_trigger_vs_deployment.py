@@ -137,7 +137,7 @@ def test_an_allowed_bucket_runs_under_airflow_and_a_not_allowed_one_is_refused_a
     with pytest.raises(ParamValidationError, match="bucket"):
         dag.test(logical_date=FORECAST_DAY, run_conf=run_conf("not-on-the-list", "tiny.ckpt", members="1"))
     dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(TEST_BUCKETS[-1], "tiny.ckpt", members="1"),
-                  mark_success_pattern="wait_for_inputs|plan|create_host|run_member|delete_host|verify")
+                  mark_success_pattern="wait_for_inputs|plan|choose_environment|create_host|run_member|delete_host|verify")
     assert task_states(dr)[("check_params", -1)] == "success"
     assert not scratch.exists()
 

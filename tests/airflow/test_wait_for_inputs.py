@@ -48,7 +48,8 @@ def test_inputs_arriving_during_the_wait_let_the_run_go_on(dag, gcs, bucket, mon
     conf = run_conf(bucket, "tiny.ckpt", members="1", input_wait_minutes=1, input_poke_seconds=1)
 
     # the tasks after planning are not what this test is about
-    dr = dag.test(logical_date=FORECAST_DAY, run_conf=conf, mark_success_pattern="create_host|run_member|delete_host|verify")
+    dr = dag.test(logical_date=FORECAST_DAY, run_conf=conf,
+                  mark_success_pattern="choose_environment|create_host|run_member|delete_host|verify")
 
     states = task_states(dr)
     assert len(deferred) == 1 and type(deferred[0]).__name__ == "InputsTrigger"
@@ -89,7 +90,8 @@ def test_a_bucket_hiccup_on_the_first_look_defers_instead_of_failing(dag, gcs, b
     conf = run_conf(bucket, "tiny.ckpt", members="1", input_wait_minutes=1, input_poke_seconds=1)
 
     try:
-        dr = dag.test(logical_date=FORECAST_DAY, run_conf=conf, mark_success_pattern="create_host|run_member|delete_host|verify")
+        dr = dag.test(logical_date=FORECAST_DAY, run_conf=conf,
+                      mark_success_pattern="choose_environment|create_host|run_member|delete_host|verify")
     finally:
         proxy.close()
 

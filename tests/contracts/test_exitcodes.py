@@ -17,6 +17,20 @@ FROZEN = {
     "OUT_OF_DISK": 14,
     "CHECKPOINT_FAILED": 15,
     "DOWNLOAD_FAILED": 16,
+    # python -m aifs.inputs
+    "SOURCE_NOT_PUBLISHED": 20,
+    "SOURCE_INCOMPLETE": 21,
+    "SOURCE_FAILED": 22,
+    "INPUT_WRITE_FAILED": 23,
+    "INTERPOLATION_FAILED": 24,
+    # python -m aifs.products
+    "FORECASTS_MISSING": 30,
+    "TOO_FEW_MEMBERS": 31,
+    "CLIMATOLOGY_FAILED": 32,
+    "SUBMISSION_FAILED": 33,
+    "CHECK_FAILED": 34,
+    "PRODUCTS_UPLOAD_FAILED": 35,
+    "FORECAST_INVALID": 36,
 }
 
 
@@ -71,9 +85,18 @@ def test_retryable_set():
         ExitCode.DOWNLOAD_FAILED,
         ExitCode.INFERENCE_FAILED,
         ExitCode.MEMBERS_FAILED,
+        # open data not there yet, or a transfer/bucket hiccup: the next try can succeed
+        ExitCode.SOURCE_NOT_PUBLISHED,
+        ExitCode.SOURCE_FAILED,
+        ExitCode.INPUT_WRITE_FAILED,
+        ExitCode.CLIMATOLOGY_FAILED,
+        ExitCode.SUBMISSION_FAILED,
+        ExitCode.PRODUCTS_UPLOAD_FAILED,
     }
     # failures that no retry can fix
-    for code in (ExitCode.USAGE, ExitCode.INPUT_MISSING, ExitCode.INPUT_INVALID, ExitCode.CHECKPOINT_FAILED):
+    for code in (ExitCode.USAGE, ExitCode.INPUT_MISSING, ExitCode.INPUT_INVALID, ExitCode.CHECKPOINT_FAILED,
+                 ExitCode.SOURCE_INCOMPLETE, ExitCode.INTERPOLATION_FAILED, ExitCode.TOO_FEW_MEMBERS,
+                 ExitCode.CHECK_FAILED, ExitCode.FORECAST_INVALID):
         assert not code.retryable
     assert not ExitCode.OK.retryable
 

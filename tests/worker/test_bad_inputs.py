@@ -137,6 +137,12 @@ def _nan_at_one_level(state, spec):
     return "10u"
 
 
+def _partial_nan_not_imputed(state, spec):
+    # the tiny v1 checkpoint's processors impute nothing: a single NaN would spread through the model
+    state["fields"]["lsm"][1, 100] = np.nan
+    return r"'lsm'.*time level 1.*grid point 100"
+
+
 def _one_time_level(state, spec):
     state["fields"] = {k: v[-1:] for k, v in state["fields"].items()}
     return "time level"
@@ -174,7 +180,7 @@ def _not_a_dict(state, spec):
 @pytest.mark.parametrize(
     "corrupt",
     [_missing_variable, _wrong_grid, _wrong_date, _inf_value, _minus_inf_value, _all_nan, _nan_at_one_level,
-     _one_time_level, _flat_fields, _object_array, _string_array, _no_fields, _date_as_string, _not_a_dict],
+     _partial_nan_not_imputed, _one_time_level, _flat_fields, _object_array, _string_array, _no_fields, _date_as_string, _not_a_dict],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_inconsistent_state_exit_11(run_main, client, bucket, checkpoint, spec, dirs, corrupt):
@@ -187,10 +193,9 @@ def test_inconsistent_state_exit_11(run_main, client, bucket, checkpoint, spec, 
 
 
 def test_tolerated_state_runs(run_main, client, bucket, checkpoint, dirs):
-    """Positive control: extra fields, a tz-aware date and some NaNs in a constant field are accepted."""
+    """Positive control: extra fields (NaN in them too: the model never reads them) and a tz-aware date are accepted."""
     state = make_state(checkpoint, DATE, MEMBER)
-    state["fields"]["extra_field"] = np.zeros((2, 5), "float32")
-    state["fields"]["lsm"][:, :100] = np.nan
+    state["fields"]["extra_field"] = np.full((2, 5), np.nan, "float32")
     state["date"] = state["date"].replace(tzinfo=dt.timezone.utc)
     upload_state(bucket, state, MEMBER)
     code, text = _run(run_main, bucket, checkpoint, dirs)
@@ -198,3 +203,31 @@ def test_tolerated_state_runs(run_main, client, bucket, checkpoint, dirs):
     assert len(manifest_names(client, bucket.name)) == 1
     assert len(_weights_loaded(text)) == 1, text[-5000:]
     assert dirs.files() == []
+
+
+def test_v2_checkpoint_in_v1_environment_exit_15(emulator, client, bucket, dirs, tmp_path):
+    """An AIFS-ENS 2.0 checkpoint (made by the v2 environment) is refused here, naming what it needs."""
+    import subprocess
+
+    from worker_helpers import run_worker_subprocess
+
+    v2_python = os.environ.get("AIFS_WORKER_PYTHON_V2") or str(layout_root() / ".venv-v2" / "bin" / "python")
+    path = tmp_path / "tiny-v2.ckpt"
+    subprocess.run([v2_python, "-m", "aifs.testing", "checkpoint", "--arch", "v2", "--grid", "O48", "--out", str(path)],
+                   check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    upload_bytes(bucket, layout.input_object(DATE, MEMBER), _pickle({"date": None, "fields": {}}))
+    code, text = run_worker_subprocess(
+        worker_args(bucket=bucket.name, checkpoint=str(path), dirs=dirs, members=str(MEMBER), lead_time=LEAD),
+        emulator.url, tmp_path,
+    )
+    assert code == 15, text[-5000:]
+    failed = [line for line in text.splitlines() if "[FAILED]" in line and "generation v2" in line]
+    assert failed and "anemoi-models 0.11" in failed[0] and "anemoi-models 0.6" in failed[0], text[-3000:]
+    assert forecast_names(client, bucket.name) == [] and manifest_names(client, bucket.name) == []
+    assert not _weights_loaded(text)
+
+
+def layout_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2]

@@ -28,6 +28,9 @@ ALERTS_CONN_ID = "aifs_alerts"
 ALERTS_VARIABLE = "aifs_alerts"
 #: XCom key under which verify leaves what it found missing, for the run-failure alert.
 FINDINGS_KEY = "findings"
+#: Tasks that leave findings: the forecast DAG's verify, the products DAG's check_products.
+FINDINGS_TASKS = ("verify", "check_products")
+FORECAST_DAG_ID = "aifs_ens_forecast"
 NOTIFIERS = ("apprise", "slack", "smtp")
 
 log = logging.getLogger(__name__)
@@ -207,6 +210,7 @@ def run_failure_message(context: dict[str, Any]) -> tuple[str, str]:
     if ti is not None:
         lines.append(f"Last failed task: {ti.task_id}" + (f" [{ti.map_index}]" if getattr(ti, "map_index", -1) >= 0 else ""))
         lines.append(f"Log: {ti.log_url}")
+        lines += _report_lines(ti, config, context)
         findings = _verify_findings(ti, context)
         if findings:
             lines.append(f"Verify found: {findings}")
@@ -220,6 +224,43 @@ def run_failure_message(context: dict[str, Any]) -> tuple[str, str]:
     return title, "\n".join(lines)
 
 
+def _products_targets(context: dict[str, Any]) -> list[dict[str, Any]]:
+    """A products run's (bucket, date) pairs from its params or its triggering asset events (no XCom needed)."""
+    params = dict(context.get("params") or {})
+    if params.get("date") and params.get("bucket"):
+        return [{"bucket": params["bucket"], "date": params["date"]}]
+    events = getattr(context.get("dag_run"), "consumed_asset_events", None) or []
+    extras = [getattr(e, "extra", None) or {} for e in events]
+    return [{"bucket": x["bucket"], "date": x["date"]} for x in extras if isinstance(x.get("bucket"), str) and isinstance(x.get("date"), str)]
+
+
+def _report_lines(ti, config: dict[str, Any], context: dict[str, Any]) -> list[str]:
+    """The products report's addresses, for aifs_ens_products' alert: check_products' XCom, else the bucket.
+
+    Like verify's findings, the XCom may be out of reach where the callback runs; the run's targets
+    (check_params' config) and the bucket are not.
+    """
+    from aifs.orchestration.products_report import REPORT_KEY, report_addresses
+
+    reports = None
+    try:
+        reports = ti.xcom_pull(task_ids="check_products", key=REPORT_KEY)
+    except Exception:  # the callback may run where XComs cannot be read
+        log.debug("could not read the report's address for the alert", exc_info=True)
+    targets = config.get("targets") or _products_targets(context)
+    if not reports and targets:
+        try:
+            from aifs import layout
+            from aifs.orchestration.storage import get_blob, storage_client
+
+            client = storage_client(config.get("gcp_conn_id", "google_cloud_default"))
+            reports = [report_addresses(t["bucket"], layout.products_report_object(t["date"])) for t in targets
+                       if get_blob(client, t["bucket"], layout.products_report_object(t["date"])) is not None]
+        except Exception:
+            log.debug("could not look for the report in the bucket", exc_info=True)
+    return [f"Report: {r['gs']} ({r['console']})" for r in (reports or []) if isinstance(r, dict) and r.get("gs")]
+
+
 def _verify_findings(ti, context: dict[str, Any]) -> str | None:
     """What verify found; read back from the bucket when its XCom is out of reach.
 
@@ -227,11 +268,14 @@ def _verify_findings(ti, context: dict[str, Any]) -> str | None:
     XComs may not be readable; the bucket always is, and it is the truth verify reports on.
     """
     try:
-        findings = ti.xcom_pull(task_ids="verify", key=FINDINGS_KEY)
-        if isinstance(findings, str):
-            return findings
+        for task_id in FINDINGS_TASKS:
+            findings = ti.xcom_pull(task_ids=task_id, key=FINDINGS_KEY)
+            if isinstance(findings, str):
+                return findings
     except Exception:
         pass
+    if getattr(context.get("dag_run"), "dag_id", None) != FORECAST_DAG_ID:
+        return None  # the bucket re-check below is the forecast run's
     try:
         from aifs.members import format_members
         from aifs.orchestration.deployment import DeploymentSettings

@@ -28,17 +28,42 @@ AIFS_ENS_SERVICE_ACCOUNT     (none)                    key file on the GPU host 
                                                        --service-account; empty: the host's own account
 AIFS_ENS_BUCKETS             the original bucket       JSON list (or comma-separated) of the buckets a
                                                        trigger may choose; the first is the default
-AIFS_ENS_CHECKPOINTS         {"ecmwf/aifs-ens-1.0":    JSON object: checkpoint a trigger may choose ->
-                              {"identity": null}}      {"identity": "sha256:<hex>" | "hf:<rev>" | null},
-                                                       the identity the worker must find; first: default;
-                                                       null (not checked) only on the local backend
+AIFS_ENS_CHECKPOINTS         {"ecmwf/aifs-ens-2.0":    JSON object: checkpoint a trigger may choose ->
+                              {"identity": null},      {"identity": "sha256:<hex>" | "hf:<rev>" | null,
+                              "ecmwf/aifs-ens-1.0":     "generation": "v1" | "v2" (optional)}, the identity
+                              {"identity": null}}      the worker must find (null, not checked, only on the
+                                                       local backend); first: default. The generation (which
+                                                       image or worker Python runs it) is read from the
+                                                       checkpoint itself when the run starts; a path on an
+                                                       ssh/gce/gke host, which Airflow cannot read, declares it
 AIFS_ENS_PARAM_DEFAULTS      {}                        JSON object: defaults of trigger params for scheduled
                                                        runs and backfills, e.g. {"members": "1-50",
                                                        "lead_time": 792}; deployment settings refused
 AIFS_ENS_PARALLEL_MEMBERS    1                         members in flight at once; above 1 only with the
                                                        gke backend (one GPU pod each); VM and ssh hosts
                                                        have one GPU, so members there stay serial
+AIFS_ENS_OPENDATA_SOURCE     ecmwf                     where aifs_ens_inputs reads ECMWF open data: ecmwf,
+                                                       aws, azure, google (close to a GCS bucket) or a URL
+AIFS_ENS_INPUTS_TIMEOUT_MIN  120                       the inputs step's limit (a CPU job), from its launch
+AIFS_ENS_FORECAST_TRIGGER    time                      what starts aifs_ens_forecast: ``time`` (AIFS_ENS_SCHEDULE;
+                                                       inputs made elsewhere, its sensor waits for them),
+                                                       ``inputs`` (each aifs_ens_inputs asset event, for the
+                                                       event's date) or ``inputs_or_time`` (either)
+AIFS_ENS_SUBMIT              false                     aifs_ens_products submits a competition date to the AI
+                                                       Weather Quest (once; needs team and model below)
+AIFS_ENS_AIWQ_TEAM           (none)                    the competition's team name (in its file names)
+AIFS_ENS_AIWQ_MODEL          (none)                    the competition's model name (in its file names)
+AIFS_ENS_AIWQ_CONN_ID        aifs_aiwq                 Airflow connection whose password is the competition's
+                                                       token (climatology retrieval, submission)
+AIFS_ENS_PRODUCTS_MIN_MEMBERS  (the command's)         fewest verified members to submit; below it the
+                                                       products are made, labelled, and not submitted
+AIFS_ENS_PRODUCTS_POINTS     Nairobi, Addis Ababa,     plume points, ``Name:lat,lon;...``
+                             Kampala, Dar es Salaam
+AIFS_ENS_CLIMATOLOGY         (none)                    a 20-year climatology file or URL; none: the
+                                                       competition's retrieval, with the token
+AIFS_ENS_PRODUCTS_TIMEOUT_MIN  60                      the products step's limit (a CPU job), from its launch
 ===========================  ========================  ===========================================
+The products settings are read by aifs.orchestration.products_settings (checked when aifs_ens_products is parsed).
 """
 
 from __future__ import annotations
@@ -52,6 +77,7 @@ from typing import Any
 
 from aifs import layout
 from aifs.completeness import is_checkpoint_identity
+from aifs.generations import DEFAULT_GENERATION, GENERATIONS
 from aifs.orchestration.params import BUCKET_PATTERN, CYCLE_HOURS, DEFAULT_BACKEND, DEFAULT_GCP_CONN_ID, param_specs, with_defaults
 
 
@@ -74,10 +100,17 @@ class DeploymentSettings:
     service_account: str | None = None
     allowed_buckets: tuple[str, ...] = (layout.DEFAULT_BUCKET,)
     #: checkpoint reference -> identity the worker must find (None: not checked)
-    checkpoints: dict[str, str | None] = dataclasses.field(default_factory=lambda: {layout.DEFAULT_CHECKPOINT: None})
+    checkpoints: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CHECKPOINTS))
+    #: checkpoint reference -> the generation the deployment declares for it (AIFS_ENS_CHECKPOINTS "generation")
+    checkpoint_generations: dict[str, str] = dataclasses.field(default_factory=dict)
     #: the DAG's params: name -> ``airflow.sdk.Param`` keyword arguments, with this deployment's
     #: allowed buckets and checkpoints as enums and its AIFS_ENS_PARAM_DEFAULTS as defaults
     param_specs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: aifs_ens_inputs: the open-data source (an ecmwf-opendata name or a URL) and the step's limit
+    opendata_source: str = "ecmwf"
+    inputs_timeout: dt.timedelta = dt.timedelta(minutes=120)
+    #: what starts aifs_ens_forecast (FORECAST_TRIGGERS)
+    forecast_trigger: str = "time"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "DeploymentSettings":
@@ -98,8 +131,9 @@ class DeploymentSettings:
                 f"a {backend} host has one GPU, so its members must run one at a time"
             )
         buckets = _buckets(env.get("AIFS_ENS_BUCKETS", ""))
-        checkpoints = _checkpoints(env.get("AIFS_ENS_CHECKPOINTS", ""))
+        checkpoints, generations = _checkpoints(env.get("AIFS_ENS_CHECKPOINTS", ""))
         _require_identities(backend, checkpoints)
+        _require_generations(backend, checkpoints, generations)
         defaults = _json_object("AIFS_ENS_PARAM_DEFAULTS", env.get("AIFS_ENS_PARAM_DEFAULTS", ""))
         specs = with_defaults(param_specs(cycle_hour, buckets=buckets, checkpoints=list(checkpoints)), defaults)
         return cls(
@@ -119,7 +153,11 @@ class DeploymentSettings:
             service_account=env.get("AIFS_ENS_SERVICE_ACCOUNT", "").strip() or None,
             allowed_buckets=tuple(buckets),
             checkpoints=checkpoints,
+            checkpoint_generations=generations,
             param_specs=specs,
+            opendata_source=env.get("AIFS_ENS_OPENDATA_SOURCE", "").strip() or "ecmwf",
+            inputs_timeout=dt.timedelta(minutes=_positive("AIFS_ENS_INPUTS_TIMEOUT_MIN", env.get("AIFS_ENS_INPUTS_TIMEOUT_MIN", "120"))),
+            forecast_trigger=_choice("AIFS_ENS_FORECAST_TRIGGER", env.get("AIFS_ENS_FORECAST_TRIGGER", ""), FORECAST_TRIGGERS),
         )
 
     def get_backend(self):
@@ -172,23 +210,58 @@ def _buckets(text: str) -> list[str]:
     return list(dict.fromkeys(value))
 
 
-def _checkpoints(text: str) -> dict[str, str | None]:
+#: Without AIFS_ENS_CHECKPOINTS: each generation's own checkpoint, the one ECMWF runs now
+#: (DEFAULT_GENERATION) first, so it is the default and the other stays selectable.
+DEFAULT_CHECKPOINTS: dict[str, str | None] = {
+    ref: None for ref in (GENERATIONS[DEFAULT_GENERATION].default_checkpoint, *(g.default_checkpoint for g in GENERATIONS.values()))
+}
+
+
+def _checkpoints(text: str) -> tuple[dict[str, str | None], dict[str, str]]:
+    """``({ref: identity}, {ref: declared generation})`` of AIFS_ENS_CHECKPOINTS."""
     if not text.strip():
-        return {layout.DEFAULT_CHECKPOINT: None}
+        return dict(DEFAULT_CHECKPOINTS), {}
     value = _json_object("AIFS_ENS_CHECKPOINTS", text)
     if not value:
         raise ValueError("AIFS_ENS_CHECKPOINTS must allow at least one checkpoint")
     checkpoints: dict[str, str | None] = {}
+    generations: dict[str, str] = {}
     for ref, spec in value.items():
         if not ref.strip():
             raise ValueError("AIFS_ENS_CHECKPOINTS: a checkpoint reference is empty")
-        if not isinstance(spec, dict) or set(spec) - {"identity"}:
-            raise ValueError(f'AIFS_ENS_CHECKPOINTS[{ref!r}] must be {{"identity": "sha256:<hex>" | "hf:<revision>" | null}}')
+        if not isinstance(spec, dict) or set(spec) - {"identity", "generation"}:
+            raise ValueError(f'AIFS_ENS_CHECKPOINTS[{ref!r}] must be {{"identity": "sha256:<hex>" | "hf:<revision>" | null'
+                             f'[, "generation": {" | ".join(map(repr, GENERATIONS))}]}}')
         identity = spec.get("identity")
         if identity is not None and not is_checkpoint_identity(identity):  # the worker's own rule
             raise ValueError(f"AIFS_ENS_CHECKPOINTS[{ref!r}]: identity {identity!r} is not sha256:<64 hex>, hf:<revision> or null")
         checkpoints[ref] = identity
-    return checkpoints
+        if spec.get("generation") is not None:
+            if spec["generation"] not in GENERATIONS:
+                raise ValueError(f"AIFS_ENS_CHECKPOINTS[{ref!r}]: generation {spec['generation']!r} is not one of "
+                                 f"{', '.join(GENERATIONS)}")
+            generations[ref] = spec["generation"]
+    return checkpoints, generations
+
+
+def _require_generations(backend: str, checkpoints: dict[str, str | None], generations: dict[str, str]) -> None:
+    """A path on a GPU host (ssh, gce, gke) declares its generation: Airflow cannot read the file there.
+
+    Everything else (gs://, a Hugging Face id, a file the local backend's worker shares with Airflow)
+    is read when a run starts, and a declaration, if any, must agree with the checkpoint's record.
+    """
+    from aifs.orchestration.checkpoints import is_host_path
+
+    if backend == "local":
+        return
+    missing = [ref for ref in checkpoints if is_host_path(ref) and ref not in generations]
+    if missing:
+        raise ValueError(
+            f"AIFS_ENS_CHECKPOINTS: {', '.join(map(repr, missing))} is a path on the {backend} host, which Airflow "
+            f'cannot read to learn which worker environment loads it: declare it, "generation": '
+            f'{" or ".join(map(repr, GENERATIONS))} (the image build prints it), or name the checkpoint by its '
+            "Hugging Face id or gs:// URL"
+        )
 
 
 def _require_identities(backend: str, checkpoints: dict[str, str | None]) -> None:
@@ -219,6 +292,24 @@ def _json_object(name: str, text: str) -> dict[str, Any]:
         raise ValueError(f"{name} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+#: AIFS_ENS_FORECAST_TRIGGER's values; the first is the default.
+FORECAST_TRIGGERS = ("time", "inputs", "inputs_or_time")
+
+
+def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:
+    value = text.strip() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _positive(name: str, text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {text!r}")
     return value
 
 

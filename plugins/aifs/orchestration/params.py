@@ -49,6 +49,8 @@ DEPLOYMENT_KEYS = {
     "gcp_conn_id": "AIFS_ENS_GCP_CONN_ID",
     "service_account": "AIFS_ENS_SERVICE_ACCOUNT",
     "checkpoint_identity": "AIFS_ENS_CHECKPOINTS",
+    "source": "AIFS_ENS_OPENDATA_SOURCE",  # where aifs_ens_inputs fetches from: a URL is the admin's choice
+    "opendata_source": "AIFS_ENS_OPENDATA_SOURCE",
 }
 
 

@@ -58,3 +58,40 @@ class InputsTrigger(BaseTrigger):
                 return
             self.log.info("waiting for inputs of members %s", format_members(missing))
             await asyncio.sleep(min(self.poke_seconds, max(0.0, self.deadline - time.time())))
+
+
+class OpenDataTrigger(BaseTrigger):
+    """Fires ``{"status": "published"}`` once the date's open-data index files exist at ``source``,
+    or ``{"status": "timeout"}`` at the deadline (unix time). Polls aifs.inputs.published (urllib,
+    one HEAD per index file) off the triggerer's event loop."""
+
+    def __init__(self, source: str, date: str, poke_seconds: float, deadline: float):
+        super().__init__()
+        self.source = source
+        self.date = date
+        self.poke_seconds = poke_seconds
+        self.deadline = deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {"source": self.source, "date": self.date, "poke_seconds": self.poke_seconds, "deadline": self.deadline},
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from aifs.inputs.published import opendata_published  # urllib only: light in the triggerer
+
+        while True:
+            try:
+                published = await asyncio.to_thread(opendata_published, self.source, self.date)
+            except Exception as exc:  # noqa: BLE001 - a bad answer is not the end of the wait
+                self.log.warning("could not check open data for %s at %s: %s", self.date, self.source, exc)
+                published = False
+            if published:
+                yield TriggerEvent({"status": "published"})
+                return
+            if time.time() >= self.deadline:
+                yield TriggerEvent({"status": "timeout"})
+                return
+            self.log.info("open data for %s not published yet at %s; next look in %.0f s", self.date, self.source, self.poke_seconds)
+            await asyncio.sleep(min(self.poke_seconds, max(0.0, self.deadline - time.time())))

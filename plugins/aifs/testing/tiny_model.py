@@ -115,22 +115,25 @@ def builtin_grid_latlon(grid: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(latlon["lat"], "f8"), np.asarray(latlon["lon"], "f8")
 
 
-def build_checkpoint(
-    path: str,
-    grid: str = "O48",
-    prognostic: list[str] = PROGNOSTIC,
-    constant: list[str] = CONSTANT,
-    diagnostic: list[str] = DIAGNOSTIC,
-    noise: float = 0.1,
-    step_seconds: float = 0.0,
-) -> str:
-    """Write a tiny checkpoint for ``grid`` (a builtin template grid: O48, O96, N128, N320)."""
-    from anemoi.utils.checkpoints import save_metadata
+def anemoi_metadata(
+    grid: str,
+    prognostic: list[str],
+    constant: list[str],
+    diagnostic: list[str],
+    variables_metadata: dict[str, dict] | None = None,
+) -> tuple[dict, dict[str, int], dict[str, int]]:
+    """The anemoi metadata of a checkpoint with these variables, as anemoi-training writes it.
+
+    Returns ``(metadata, model_input_index, model_output_index)``. The data order is prognostic,
+    constant forcings, computed forcings, diagnostics. ``variables_metadata`` overrides or adds
+    per-variable entries (e.g. a variable's GRIB ``mars`` request). Shared by the v1 stand-in
+    below and tiny_model_v2 (the real v2 architecture).
+    """
     from anemoi.utils.provenance import gather_provenance_info
 
     import anemoi.models  # noqa: F401 - provenance records the modules imported: this environment's anemoi-models
 
-    latitudes, longitudes = builtin_grid_latlon(grid)
+    latitudes, _ = builtin_grid_latlon(grid)
     variables = list(prognostic) + list(constant) + list(COMPUTED) + list(diagnostic)
     index = {v: i for i, v in enumerate(variables)}
     data_in = [index[v] for v in variables if v not in diagnostic]
@@ -139,13 +142,15 @@ def build_checkpoint(
     model_out = {variables[i]: j for j, i in enumerate(data_out)}
     forcing = list(constant) + list(COMPUTED)
 
-    variables_metadata = {v: {"mars": mars_request(v)} for v in prognostic}
-    variables_metadata |= {v: {"mars": mars_request(v), "constant_in_time": True} for v in constant}
-    variables_metadata |= {v: {"computed_forcing": True, "constant_in_time": c} for v, c in COMPUTED.items()}
+    meta = {v: {"mars": mars_request(v)} for v in prognostic}
+    meta |= {v: {"mars": mars_request(v), "constant_in_time": True} for v in constant}
+    meta |= {v: {"computed_forcing": True, "constant_in_time": c} for v, c in COMPUTED.items()}
     for v in diagnostic:
-        variables_metadata[v] = {"mars": mars_request(v)}
+        meta[v] = {"mars": mars_request(v)}
         if v in ACCUMULATED:
-            variables_metadata[v] |= {"process": "accumulation", "period": [0, 6]}
+            meta[v] |= {"process": "accumulation", "period": [0, 6]}
+    for v, extra in (variables_metadata or {}).items():
+        meta[v] = {**meta.get(v, {}), **extra}
 
     metadata = {
         "config": {
@@ -176,22 +181,44 @@ def build_checkpoint(
         "dataset": {
             "variables": variables,
             "shape": [1, len(variables), 1, len(latitudes)],
-            "variables_metadata": variables_metadata,
+            "variables_metadata": meta,
             "data_request": {"grid": grid},
         },
         # what anemoi-training records: the versions the checkpoint was made with (here: this
         # environment's); aifs.generations chooses the worker environment from it
         "provenance_training": gather_provenance_info(),
     }
-    model = TinyEnsModel(
-        [model_in[v] for v in prognostic],
-        [model_out[v] for v in prognostic],
-        [model_out[v] for v in diagnostic],
-        len(data_out),
-        noise=noise,
-        step_seconds=step_seconds,
-    )
+    return metadata, model_in, model_out
+
+
+def save_checkpoint(path: str, model, metadata: dict, grid: str) -> str:
+    """``torch.save`` the module, then add anemoi's metadata and the grid as supporting arrays."""
+    from anemoi.utils.checkpoints import save_metadata
+
+    latitudes, longitudes = builtin_grid_latlon(grid)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(model, path)
     save_metadata(path, metadata, supporting_arrays={"latitudes": latitudes, "longitudes": longitudes})
     return path
+
+
+def build_checkpoint(
+    path: str,
+    grid: str = "O48",
+    prognostic: list[str] = PROGNOSTIC,
+    constant: list[str] = CONSTANT,
+    diagnostic: list[str] = DIAGNOSTIC,
+    noise: float = 0.1,
+    step_seconds: float = 0.0,
+) -> str:
+    """Write a tiny checkpoint for ``grid`` (a builtin template grid: O48, O96, N128, N320)."""
+    metadata, model_in, model_out = anemoi_metadata(grid, prognostic, constant, diagnostic)
+    model = TinyEnsModel(
+        [model_in[v] for v in prognostic],
+        [model_out[v] for v in prognostic],
+        [model_out[v] for v in diagnostic],
+        len(model_out),
+        noise=noise,
+        step_seconds=step_seconds,
+    )
+    return save_checkpoint(path, model, metadata, grid)

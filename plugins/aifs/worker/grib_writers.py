@@ -474,7 +474,7 @@ def _writer_main(index: int, checkpoint_path: str, tasks, results, turn, cond, p
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the model process's to handle
     try:
-        context, metadata = _context(checkpoint_path)
+        context, metadata, options = _context(checkpoint_path)
     except BaseException as exc:
         results.put(("failed", f"GRIB writer process {index} could not start: {type(exc).__name__}: {exc}"))
         return
@@ -516,7 +516,7 @@ def _writer_main(index: int, checkpoint_path: str, tasks, results, turn, cond, p
             if output is None:
                 outputs.clear()
                 context.reference_date = reference_date
-                output = outputs[okey] = _output(context, metadata, buffer, encoding)
+                output = outputs[okey] = _output(context, metadata, buffer, encoding, options)
             before = output.messages
             output.write_state(state)
             messages = output.messages - before
@@ -546,15 +546,19 @@ def _writer_main(index: int, checkpoint_path: str, tasks, results, turn, cond, p
 
 
 def _context(checkpoint_path: str):
-    """anemoi-inference's runner as the outputs' context: metadata only, the weights are never loaded."""
+    """anemoi-inference's runner as the outputs' context (metadata only, the weights are never loaded), and
+    the checkpoint's GRIB output options: the same rules (field_rules) as the model process's runner."""
     from anemoi.inference.runners.simple import SimpleRunner
 
-    runner = SimpleRunner(checkpoint_path, device="cpu")
+    from aifs.worker.model import Model
+
+    model = Model(checkpoint_path, "cpu", None, None)  # the metadata and its field rules, no weights
+    runner = SimpleRunner(checkpoint_path, device="cpu", **model.plan.runner_options(model.raw_metadata_variables))
     (metadata,) = runner.checkpoint.multi_dataset_metadata.values()
-    return runner, metadata
+    return runner, metadata, model.grib_output_options()
 
 
-def _output(context, metadata, buffer, encoding):
+def _output(context, metadata, buffer, encoding, options):
     """anemoi-inference's in-memory GRIB output, counting the messages it writes."""
     from anemoi.inference.outputs.gribmemory import GribMemoryOutput
 
@@ -565,4 +569,4 @@ def _output(context, metadata, buffer, encoding):
             super().write_message(*args, **kwargs)
             self.messages += 1
 
-    return CountingGribOutput(context, metadata, out=buffer, encoding=encoding, write_initial_state=False)
+    return CountingGribOutput(context, metadata, out=buffer, encoding=encoding, write_initial_state=False, **options)

@@ -29,7 +29,7 @@ LOG = logging.getLogger("aifs.worker")
 
 #: Hugging Face repositories we know, with the checkpoint file to take from each
 #: (a snapshot of the whole repository would fetch far more than the model).
-KNOWN_HF_CHECKPOINTS = {"ecmwf/aifs-ens-1.0": "aifs-ens-crps-1.0.ckpt"}
+KNOWN_HF_CHECKPOINTS = {"ecmwf/aifs-ens-1.0": "aifs-ens-crps-1.0.ckpt", "ecmwf/aifs-ens-2.0": "aifs-ens-crps-2.0.ckpt"}
 #: Bytes a GRIB value takes (16-bit packing) plus headroom for headers/bitmaps, for disk estimates.
 GRIB_BYTES_PER_VALUE = 2.2
 #: An input state may claim this many times its float64 size (variables x time levels x grid points
@@ -59,11 +59,17 @@ def member_seed(date: str, member: int) -> int:
 class ModelSpec:
     """What an input state must look like and what one step writes, from the checkpoint."""
 
-    input_variables: tuple[str, ...]  # must be in the input state (computed forcings excluded)
-    output_variables: tuple[str, ...]
+    input_variables: tuple[str, ...]  # the model reads them (computed forcings excluded)
+    output_variables: tuple[str, ...]  # GRIB fields written a step (after the checkpoint's output transforms)
     grid_points: int
     time_levels: int
     timestep: dt.timedelta
+    #: input variables the checkpoint's processors impute: NaN allowed there, nowhere else (field_rules)
+    nan_allowed: frozenset[str] = frozenset()
+    #: model input variable -> the variable an input pickle may carry instead (e.g. cos_mwd <- mwd in degrees)
+    input_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: forward transforms (field_rules.DirectionTransform) that make the model's variables from the pickle's
+    input_transforms: tuple = ()
 
     def input_budget(self) -> InputBudget:
         """The most memory an input state for this checkpoint may claim while it is unpickled."""
@@ -96,6 +102,8 @@ class Model:
             # anemoi.utils.checkpoints.load_metadata under the hood: the metadata entry of the zip, no torch
             self._checkpoint = Checkpoint(source)
             (self.metadata,) = self._checkpoint.multi_dataset_metadata.values()
+            self.raw_metadata = _raw_metadata(self.metadata)
+            check_generation(self.raw_metadata, checkpoint)
             self.spec = self._spec()
         except CheckpointFailed:
             raise
@@ -122,7 +130,8 @@ class Model:
             from anemoi.inference.runners.simple import SimpleRunner
 
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
-            runner = SimpleRunner(self._checkpoint.path, device=device, precision=self._precision)
+            runner = SimpleRunner(self._checkpoint.path, device=device, precision=self._precision,
+                                  **self.plan.runner_options(self.raw_metadata_variables))
             _ = runner.model  # load the weights now: a bad checkpoint fails before this member's forecast starts
             (metadata,) = runner.checkpoint.multi_dataset_metadata.values()
         except Exception as exc:  # torch/anemoi raise many kinds; all mean the same to the DAG
@@ -135,16 +144,31 @@ class Model:
         self.load_weights()
         return self._runner
 
+    @property
+    def raw_metadata_variables(self) -> dict:
+        return dict((self.raw_metadata.get("dataset") or {}).get("variables_metadata") or {})
+
     def _spec(self) -> ModelSpec:
+        from aifs.worker.field_rules import plan_fields
+
         md = self.metadata
         computed = set(md.model_computed_variables)
+        inputs = tuple(v for v in md.variable_to_input_tensor_index if v not in computed)
+        self.plan = plan_fields(self.raw_metadata, inputs, md.output_tensor_index_to_variable.values())
         return ModelSpec(
-            input_variables=tuple(v for v in md.variable_to_input_tensor_index if v not in computed),
-            output_variables=tuple(md.output_tensor_index_to_variable.values()),
+            input_variables=inputs,
+            output_variables=self.plan.written_variables,
             grid_points=int(md.number_of_grid_points),
             time_levels=int(md.multi_step_input),
             timestep=md.timestep,
+            nan_allowed=self.plan.nan_allowed,
+            input_sources=dict(self.plan.input_sources),
+            input_transforms=self.plan.input_transforms,
         )
+
+    def grib_output_options(self) -> dict:
+        """The checkpoint's GRIB output options (post-processors, per-parameter GRIB2 keys): field_rules."""
+        return self.plan.grib_output_options()
 
     def forecast(self, state: dict, lead_time_hours: int, seed: int) -> Iterator[dict]:
         """Yield one state per step. The runner reuses one dict between steps: copy what you keep."""
@@ -160,6 +184,58 @@ class Model:
         from anemoi.inference.post_processors.accumulate import Accumulate
 
         return Accumulate(self.runner, self.metadata)
+
+
+def _raw_metadata(metadata) -> dict:
+    """The checkpoint's anemoi metadata as a plain dict (anemoi-inference keeps it as ``_metadata``)."""
+    raw = getattr(metadata, "_metadata", None)
+    if raw is None:
+        return {}
+    try:
+        return raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+    except Exception:  # a DotDict that cannot convert: its mapping interface is enough
+        return raw
+
+
+def environment_generation():
+    """The generation (aifs.generations) whose checkpoints this environment's anemoi-models unpickles."""
+    from aifs.generations import GENERATIONS
+
+    version = importlib_metadata.version("anemoi-models")
+    for generation in GENERATIONS.values():
+        if generation.loads(version):
+            return generation, version
+    return None, version
+
+
+def check_generation(raw_metadata: dict, checkpoint: str) -> None:
+    """CheckpointFailed unless this environment's anemoi-models loads the checkpoint's generation.
+
+    A checkpoint is a pickled anemoi-models module: another release line cannot unpickle it (or
+    worse, unpickles it into a model that computes something else). Decided from what the
+    checkpoint records (aifs.generations.generation_of), before any weights or member.
+    """
+    from aifs.generations import UnsupportedCheckpoint, generation_of
+
+    try:
+        needed = generation_of(raw_metadata, checkpoint)
+    except UnsupportedCheckpoint as exc:
+        raise CheckpointFailed(str(exc)) from exc
+    here, version = environment_generation()
+    if here is None or here.name != needed.name:
+        made_with = next((v for k, v in sorted(_recorded(raw_metadata).items()) if k in ("anemoi.models", "anemoi-models")), "?")
+        raise CheckpointFailed(
+            f"checkpoint {checkpoint} is {needed.model} (generation {needed.name}, made with anemoi-models {made_with}): "
+            f"it needs the {needed.name} worker environment ({needed.requirements}, locally {needed.local_venv}), "
+            f"but this one has anemoi-models {version}"
+            + (f" (generation {here.name}, {here.model})" if here else "")
+        )
+
+
+def _recorded(raw_metadata: dict) -> dict[str, str]:
+    from aifs.generations import recorded_versions
+
+    return recorded_versions(raw_metadata)
 
 
 def software_versions() -> dict[str, str]:

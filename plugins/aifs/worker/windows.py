@@ -177,7 +177,9 @@ class WindowedGribWriter:
             # bounded disk: waits while two windows are still local; then streams the file as it is written
             self._upload = self.uploader.open_window(self._path, forecast_object(self.date, self.member, window.start,
                                                                                  window.end), window)
-            config = {"grib": {"path": self._path, "encoding": ensemble_encoding(self.member), "write_initial_state": False}}
+            # the checkpoint's own output rules (field_rules): backward transforms, GRIB2 keys per parameter
+            config = {"grib": {"path": self._path, "encoding": ensemble_encoding(self.member), "write_initial_state": False,
+                               **self.model.grib_output_options()}}
             self._output = create_output(self.model.runner, config, self.model.metadata)
         self._output.write_state(self._accumulate.process(state))
         self.write_seconds += time.perf_counter() - started

@@ -217,6 +217,42 @@ def test_the_rendered_remote_command_runs_the_worker_container_detached():
     assert shlex.split(command)[-2:] == [hostcontract.JOBS_DIR, name]
 
 
+def test_each_generation_gets_its_own_image_in_the_request_the_readiness_probe_and_the_job(no_ssh):
+    """``images`` names v1's image; ``image`` runs every generation it does not name (here v2)."""
+    import dataclasses
+
+    from aifs.orchestration.backends import gce as gce_module
+
+    v1_image = "us-docker.pkg.dev/ens-project/aifs/worker:v1"
+    backend = gce(images={"v1": v1_image})
+    fake = FakeCompute(PROJECT, ZONE)
+    for generation, image in (("v1", v1_image), ("v2", IMAGE)):
+        run = dataclasses.replace(RUN, run_id=f"manual__{generation}", generation=generation)  # a VM per run
+        with fake.patched():
+            backend.create_host(run, Log())
+        body = fake.bodies("POST")[-1]
+        assert body["name"] == backend.instance_name(run)
+        assert body["metadata"]["items"][1:] == [  # the startup script pulls the generation's image
+            {"key": "startup-script", "value": STARTUP}, {"key": hostcontract.METADATA_WORKER_IMAGE, "value": image},
+        ]
+        assert body["labels"]["generation"] == generation
+        assert no_ssh.call_args.args[1]["image"] == image  # ready means this image is on the VM
+
+        with mock.patch.object(GCEBackend, "ensure_vm", return_value=False), \
+                mock.patch.object(gce_module, "new_remote_job") as job, \
+                mock.patch.object(gce_module, "run_remote_member", return_value=0) as run_remote:
+            assert backend.run_member(run, 3, WORKER, Log()) == 0
+        settings = run_remote.call_args.args[1]
+        script = remote_job.job_script(settings, run.job_name(3), WORKER.worker_args(run.date, 3))
+        assert f" --entrypoint python {image} -m aifs.worker " in script
+        assert job.call_count == 1
+        assert backend.environment_for(generation) == f"worker image {image}"
+    # a run checked before generations existed: the one image, as before
+    assert backend.instance_body(RUN)["metadata"]["items"][-1]["value"] == IMAGE and "generation" not in backend.instance_body(RUN)["labels"]
+    with pytest.raises(BadSettings, match="images"):
+        gce(images={"v9": "x"})
+
+
 # -- a spot VM reclaimed mid-member ---------------------------------------------------------------
 
 

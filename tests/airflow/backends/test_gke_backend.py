@@ -74,6 +74,27 @@ def test_member_pod_spec_field_by_field():
     assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("scratch", "/scratch"), ("dshm", "/dev/shm")]
 
 
+def test_each_generation_gets_its_own_image_in_the_pod():
+    """``images`` names v1's image; ``image`` runs every generation it does not name (here v2)."""
+    v1_image = "us-docker.pkg.dev/ens-project/aifs/worker:v1"
+    backend = gke(images={"v1": v1_image})
+    for generation, image in (("v1", v1_image), ("v2", IMAGE)):
+        run = dataclasses.replace(RUN, generation=generation)
+        op = backend.pod_operator(run, 7, WORKER, timeout_s=3600)
+        op.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False)
+        pod = op.build_pod_request_obj(context())
+        (container,) = pod.spec.containers
+        assert container.image == image
+        assert pod.metadata.labels["aifs-generation"] == generation
+        assert container.args[:4] == ["-m", "aifs.worker", "--date", "20250601_0000"]
+        assert backend.environment_for(generation) == f"worker image {image}"
+    # a run checked before generations existed: the one image, as before
+    op, pod = render(backend)
+    assert pod.spec.containers[0].image == IMAGE and "aifs-generation" not in pod.metadata.labels
+    with pytest.raises(BadSettings, match="images"):
+        gke(images={"v9": "x"})
+
+
 def test_operator_reattaches_streams_logs_and_deletes_pods():
     op = gke(startup_timeout=900).pod_operator(RUN, 1, WORKER)
     assert op.reattach_on_restart is True

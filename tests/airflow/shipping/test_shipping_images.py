@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from aifs import hostcontract, layout
+from aifs.generations import DEFAULT_GENERATION, GENERATIONS
 from aifs.orchestration.backends import remote_job
 from aifs.worker.model import KNOWN_HF_CHECKPOINTS
 
@@ -105,30 +106,64 @@ def dockerignore_includes(ignore_file: Path, rel: str) -> bool:
 # -- the GPU worker image --------------------------------------------------------------------------
 
 
-def test_gpu_image_versions_are_the_ones_that_load_aifs_ens_1_0():
+#: What each generation's image pins (ECMWF's and public deployments' versions: include/Dockerfile's
+#: header), and the CUDA line of that torch's PyPI wheels, which the CUDA base must match.
+IMAGE_PINS = {
+    "v1": {"torch": "2.5.1", "flash_attn": "2.7.3", "cuda": "12.4", "anemoi-models": "0.6.0"},
+    "v2": {"torch": "2.7.0", "flash_attn": "2.7.4", "cuda": "12.6", "anemoi-models": "0.11.2", "torch-geometric": "2.6.1"},
+}
+
+
+def test_gpu_image_builds_each_generation_from_one_arg_defaulting_to_the_operational_one():
     df = Stages(GPU)
-    venv = df.args("venv")
-    assert venv["TORCH_VERSION"] == "2.5.1"
-    assert venv["FLASH_ATTN_VERSION"] == "2.7.3"
+    assert df.global_args["GENERATION"] == DEFAULT_GENERATION == "v2"
+    # the generation picks its stages: every generation has a build and a runtime base, nothing else branches
+    assert dict(df.stages)["python-build"][0].value[0] == "build-base-${GENERATION}"
+    assert dict(df.stages)["worker"][0].value[0] == "runtime-base-${GENERATION}"
+    assert {name for name, _ in df.stages if name.startswith(("build-base-", "runtime-base-"))} == {
+        f"{side}-base-{g}" for g in GENERATIONS for side in ("build", "runtime")
+    }
+    venv = df.args("venv")  # empty: the generation's own
+    assert venv["TORCH_VERSION"] == venv["FLASH_ATTN_VERSION"] == venv["TORCH_INDEX_URL"] == ""
     assert venv["ANEMOI_GRAPHS_VERSION"] == "", "anemoi-graphs 0.6.0 needs numpy<2; the worker pins numpy 2.x"
-    # torch 2.5.1's PyPI wheels are CUDA 12.4 builds: the CUDA base must be 12.4
-    assert re.fullmatch(r"12\.4\.\d+", df.global_args["CUDA_VERSION"])
-    assert venv["TORCH_INDEX_URL"] == "", "torch from PyPI (its cu124 wheels)"
-    worker = pins(REPO / "requirements-worker.txt")
-    assert worker["anemoi-models"] == "0.6.0", "the checkpoint is a pickled anemoi-models 0.6 module"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_PINS))
+def test_gpu_image_pins_of_each_generation_load_its_checkpoint(name):
+    df, generation, want = Stages(GPU), GENERATIONS[name], IMAGE_PINS[name]
+    build, runtime = df.env(f"build-base-{name}"), df.env(f"runtime-base-{name}")
+    assert build["AIFS_GENERATION"] == runtime["AIFS_GENERATION"] == name
+    assert build["AIFS_TORCH"] == want["torch"] and build["AIFS_FLASH_ATTN"] == want["flash_attn"]
+    # the torch wheels' CUDA line is the base's, on both sides
+    for side in ("BUILD", "RUNTIME"):
+        assert re.search(rf"nvidia/cuda:{re.escape(want['cuda'])}\.\d+-", df.global_args[f"{name.upper()}_{side}_IMAGE"])
+    # the generation's own pinned requirements file, whose anemoi-models line unpickles its checkpoint
+    assert build["AIFS_WORKER_REQUIREMENTS"] == generation.requirements
+    worker = pins(REPO / generation.requirements)
+    assert worker["anemoi-models"] == want["anemoi-models"] and generation.loads(worker["anemoi-models"])
+    assert worker.get("torch-geometric") == want.get("torch-geometric")
     assert "anemoi-inference" in worker
-    # the image installs the worker's own pins, with only its torch line swapped
-    copies = [c.value for c in df.stage("venv") if c.cmd == "COPY"]
-    assert ("requirements-worker.txt", "/tmp/build/requirements-worker.txt") in copies
-    grep = next(r for r in df.runs("venv") if "requirements-worker.txt" in r and "grep" in r)
-    filtered = subprocess.run(
-        ["bash", "-c", grep.split("&&")[0].replace("/tmp/build/requirements-worker.txt", str(REPO / "requirements-worker.txt"))
-         .replace("> /tmp/build/requirements.txt", "")],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    original = (REPO / "requirements-worker.txt").read_text().splitlines()
-    assert filtered.splitlines() == [line for line in original if not line.startswith("torch==")]
+    # its Hugging Face checkpoint, under the file name the worker knows, the same on both sides
+    assert build["AIFS_DEFAULT_CHECKPOINT_REPO"] == generation.default_checkpoint
+    assert build["AIFS_DEFAULT_CHECKPOINT_FILE"] == runtime["AIFS_DEFAULT_CHECKPOINT_FILE"] == KNOWN_HF_CHECKPOINTS[generation.default_checkpoint]
+    if name == "v2":  # Triton compiles a kernel at first use: a C compiler and Python's headers at run time
+        assert runtime["CC"] == "gcc" and {"gcc", "libc6-dev", "python${PYTHON_VERSION}-dev"} <= set(runtime["AIFS_RUNTIME_PACKAGES"].strip('"').split())
+        assert any("${AIFS_RUNTIME_PACKAGES}" in r for r in df.runs("worker"))
+        assert any('command -v "$CC"' in r and "Python.h" in r for r in df.runs("worker"))
+
+    # the image installs the generation's own pins, with only its torch line swapped, plus the CPU steps' tools
+    copies = [list(c.value) for c in df.stage("venv") if c.cmd == "COPY"]
+    assert copies == [["requirements-worker.txt", "requirements-worker-v2.txt", "requirements-inputs.txt",
+                       "requirements-products.txt", "/tmp/build/"]]
+    grep = next(r for r in df.runs("venv") if "AIFS_WORKER_REQUIREMENTS" in r and "grep" in r)
+    filtered = subprocess.run(  # the RUN's own filter, on the repository's files
+        ["bash", "-c", grep.split("&&")[0].replace("> /tmp/build/requirements.txt", "").replace("/tmp/build/", f"{REPO}/")],
+        capture_output=True, text=True, check=True, env={**os.environ, "AIFS_WORKER_REQUIREMENTS": generation.requirements},
+    )
+    original = (REPO / generation.requirements).read_text().splitlines()
+    assert filtered.stdout.splitlines() == [line for line in original if not line.startswith("torch==")]
     assert "-c /tmp/torch-constraint.txt" in grep, "nothing may replace the image's torch"
+    assert "-r /tmp/build/requirements-inputs.txt -r /tmp/build/requirements-products.txt" in grep
 
 
 def test_gpu_image_runs_the_worker_as_a_non_root_user_with_the_baked_checkpoint():
@@ -136,6 +171,7 @@ def test_gpu_image_runs_the_worker_as_a_non_root_user_with_the_baked_checkpoint(
     name, _ = df.stages[-1]
     assert name == "worker", "plain `docker build` must produce the worker image (the last stage)"
     args, env = df.args("worker"), df.env("worker")
+    assert df.last("LABEL", "worker") and "aifs.generation" in df.last("LABEL", "worker").value
     assert args["AIFS_UID"] == str(hostcontract.WORKER_UID) != "0"
     assert df.last("USER", "worker").value[0] == "${AIFS_UID}:${AIFS_UID}"
     entry = df.last("ENTRYPOINT", "worker")
@@ -143,11 +179,13 @@ def test_gpu_image_runs_the_worker_as_a_non_root_user_with_the_baked_checkpoint(
     # the backends' default container entrypoint is `python -m aifs.worker`: python must be on PATH
     assert remote_job.job_settings_properties()["entrypoint"]["default"][0] == "python"
     assert env["PATH"].startswith("/opt/aifs/venv/bin:")
-    # the checkpoint: baked from the repo the DAG names by default, found offline both ways
+    # the checkpoint: by default the default generation's, the repo the DAG names by default, found offline both ways
     ckpt = df.args("checkpoint")
-    assert ckpt["AIFS_CHECKPOINT_REPO"] == layout.DEFAULT_CHECKPOINT
-    assert ckpt["AIFS_CHECKPOINT_FILE"] == KNOWN_HF_CHECKPOINTS[layout.DEFAULT_CHECKPOINT] == args["AIFS_CHECKPOINT_FILE"]
-    assert env["AIFS_CHECKPOINT"] == "/opt/aifs/checkpoints/${AIFS_CHECKPOINT_FILE}"
+    assert ckpt["AIFS_CHECKPOINT_REPO"] == ckpt["AIFS_CHECKPOINT_FILE"] == "", "empty: the generation's own"
+    default = df.env(f"build-base-{df.global_args['GENERATION']}")
+    assert default["AIFS_DEFAULT_CHECKPOINT_REPO"] == layout.DEFAULT_CHECKPOINT
+    assert default["AIFS_DEFAULT_CHECKPOINT_FILE"] == KNOWN_HF_CHECKPOINTS[layout.DEFAULT_CHECKPOINT]
+    assert env["AIFS_CHECKPOINT"] == "/opt/aifs/checkpoints/${AIFS_DEFAULT_CHECKPOINT_FILE}"
     assert env["HF_HOME"] == df.env("checkpoint")["HF_HOME"]
     assert env["HF_HUB_OFFLINE"] == "1"
     copied = {c.value[0] for c in df.stage("worker") if c.cmd == "COPY" and "--from=checkpoint" in c.flags}
@@ -228,11 +266,13 @@ def test_the_worker_cli_takes_its_default_checkpoint_from_the_image():
 # -- the image's build steps, run for real ------------------------------------------------------
 
 
-def _worker_python() -> str:
-    for candidate in (os.environ.get("AIFS_WORKER_PYTHON"), str(REPO / ".venv" / "bin" / "python")):
+def _worker_python(generation: str = "v1") -> str:
+    """The worker environment of a generation: v1's is $AIFS_WORKER_PYTHON or .venv, v2's .venv-v2 (make env)."""
+    local = str(REPO / GENERATIONS[generation].local_venv / "bin" / "python")
+    for candidate in ((os.environ.get("AIFS_WORKER_PYTHON") if generation == "v1" else None), local):
         if candidate and os.path.isfile(candidate):
             return candidate
-    pytest.fail("no worker environment: make env (or set AIFS_WORKER_PYTHON)")
+    pytest.fail(f"no {generation} worker environment: make env builds {GENERATIONS[generation].local_venv}")
 
 
 def _worker_env(**extra: str) -> dict[str, str]:
@@ -251,6 +291,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model as each generation records it (v2: its recorded anemoi-models is 0.11.2; both stacks load it)."""
+    from checkpoint_files import with_recorded_models
+
+    return {"v1": tiny_checkpoint,
+            "v2": with_recorded_models(tiny_checkpoint, tmp_path_factory.mktemp("ckpt-v2") / "tiny-v2.ckpt", "0.11.2")}
+
+
 def _hf_cache_with(hf_home: Path, repo: str, filename: str, source: Path, commit: str) -> None:
     """The cache as hf_hub_download(revision=commit) leaves it: blob, snapshot link, no refs/main."""
     repo_dir = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
@@ -263,72 +312,100 @@ def _hf_cache_with(hf_home: Path, repo: str, filename: str, source: Path, commit
     link.symlink_to(os.path.relpath(blob, link.parent))
 
 
-def _stage_runner(tmp: Path, df: Stages, stage: str):
-    """Run a stage's RUN lines in bash as the build would: its ARGs and ENV, `python` = the worker
-    environment's, /opt/aifs moved under ``tmp``."""
+def _stage_runner(tmp: Path, df: Stages, stage: str, generation: str = DEFAULT_GENERATION, python: str | None = None):
+    """Run a stage's RUN lines in bash as the build would for ``generation``: its ARGs and ENV (with its
+    generation base's), `python` = that generation's worker environment (or ``python``), /opt/aifs moved
+    under ``tmp``."""
     shim = tmp / "bin"
     shim.mkdir(exist_ok=True)
-    if not (shim / "python").exists():  # a wrapper, not a link: a venv is found from the path it was run by
-        (shim / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(_worker_python())} "$@"\n')
-        (shim / "python").chmod(0o755)
+    # a wrapper, not a link: a venv is found from the path it was run by
+    (shim / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(python or _worker_python(generation))} "$@"\n')
+    (shim / "python").chmod(0o755)
+    base = f"{'runtime' if stage == 'worker' else 'build'}-base-{generation}"
 
     def run(command: str, **overrides: str) -> subprocess.CompletedProcess:
-        env = _worker_env(**df.args(stage))
-        for key, value in df.env(stage).items():
+        env = _worker_env(**{**df.global_args, "GENERATION": generation, **df.args(stage)})
+        for key, value in {**df.env(base), **df.env(stage)}.items():
             env[key] = value.replace("$PATH", "").rstrip(":") if key == "PATH" else value
         env.update(overrides)
         env["PATH"] = f"{shim}{os.pathsep}{os.environ['PATH']}"
         env = {k: v.replace("/opt/aifs", str(tmp / "opt-aifs")) for k, v in env.items()}
-        command = command.replace("/opt/aifs", str(tmp / "opt-aifs")).replace("/tmp/build/bake_checkpoint.py",
-                                                                               str(REPO / "include" / "bake_checkpoint.py"))
+        command = (command.replace("/opt/aifs", str(tmp / "opt-aifs"))
+                   .replace("/tmp/build/bake_checkpoint.py", str(REPO / "include" / "bake_checkpoint.py"))
+                   .replace("/tmp/build/generations.py", str(REPO / "plugins" / "aifs" / "generations.py")))
         return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
 
     return run
 
 
-def test_checkpoint_stage_bakes_a_checkpoint_that_resolves_offline_both_ways(tmp_path, tiny_checkpoint):
-    df = Stages(GPU)
-    args = df.args("checkpoint")
-    repo, filename = args["AIFS_CHECKPOINT_REPO"], args["AIFS_CHECKPOINT_FILE"]
+@pytest.mark.parametrize("name", sorted(GENERATIONS))
+def test_checkpoint_stage_bakes_each_generations_checkpoint_that_resolves_offline_both_ways(tmp_path, tiny_checkpoints, name):
+    df, generation = Stages(GPU), GENERATIONS[name]
+    tiny = tiny_checkpoints[name]
+    base = df.env(f"build-base-{name}")
+    repo, filename = base["AIFS_DEFAULT_CHECKPOINT_REPO"], base["AIFS_DEFAULT_CHECKPOINT_FILE"]
     commit = "0123456789abcdef0123456789abcdef01234567"
     hf_home = tmp_path / "opt-aifs" / "hf"
-    _hf_cache_with(hf_home, repo, filename, tiny_checkpoint, commit)
-    run = _stage_runner(tmp_path, df, "checkpoint")
+    _hf_cache_with(hf_home, repo, filename, tiny, commit)
+    run = _stage_runner(tmp_path, df, "checkpoint", name)
     bake_run, load_run = [r for r in df.runs("checkpoint")]
 
     # the build's bake step, pinned to a commit and with the file's SHA-256, offline (the cache has it)
-    sha = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    sha = hashlib.sha256(tiny.read_bytes()).hexdigest()
     proc = run(bake_run, AIFS_CHECKPOINT_REVISION=commit, AIFS_CHECKPOINT_SHA256=sha, HF_HUB_OFFLINE="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"commit: {commit}" in proc.stdout
+    # it says which generation it found, and that this stack's anemoi-models loads it
+    assert f"generation: {name} ({generation.model}; anemoi-models {IMAGE_PINS[name]['anemoi-models']})" in proc.stdout
     link = tmp_path / "opt-aifs" / "checkpoints" / filename
-    assert link.is_symlink() and link.resolve().read_bytes() == tiny_checkpoint.read_bytes()
+    assert link.is_symlink() and link.resolve().read_bytes() == tiny.read_bytes()
 
     # the build's CPU load of the model
     proc = run(load_run)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "checkpoint loads:" in proc.stdout
 
-    # at run time: what the DAG passes by default (the repo id) resolves offline to the baked file,
-    # exactly as anemoi-inference asks for it (hf_hub_download(repo_id, filename), revision main)
+    # at run time: what the DAG passes for this generation (the repo id) resolves offline to the baked
+    # file, exactly as anemoi-inference asks for it (hf_hub_download(repo_id, filename), revision main)
     probe = (
         "import json; from aifs.worker.model import resolve_checkpoint; from huggingface_hub import hf_hub_download; "
-        f"src = resolve_checkpoint({layout.DEFAULT_CHECKPOINT!r}); print(hf_hub_download(**src['huggingface']))"
+        f"src = resolve_checkpoint({generation.default_checkpoint!r}); print(hf_hub_download(**src['huggingface']))"
     )
-    proc = subprocess.run([_worker_python(), "-c", probe], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([_worker_python(name), "-c", probe], capture_output=True, text=True, timeout=120,
                           env=_worker_env(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip().splitlines()[-1]).resolve() == link.resolve()
 
 
+def test_checkpoint_stage_refuses_another_generations_checkpoint_or_one_its_stack_cannot_load(tmp_path, tiny_checkpoints):
+    df = Stages(GPU)
+    base = df.env("build-base-v2")
+    commit = "00112233445566778899aabbccddeeff00112233"
+    hf_home = tmp_path / "opt-aifs" / "hf"
+    bake_run = df.runs("checkpoint")[0]
+
+    # a v1 checkpoint where the v2 image expects its own
+    _hf_cache_with(hf_home, base["AIFS_DEFAULT_CHECKPOINT_REPO"], base["AIFS_DEFAULT_CHECKPOINT_FILE"], tiny_checkpoints["v1"], commit)
+    proc = _stage_runner(tmp_path, df, "checkpoint", "v2")(bake_run, AIFS_CHECKPOINT_REVISION=commit, HF_HUB_OFFLINE="1")
+    assert proc.returncode != 0 and "build it with GENERATION=v1" in proc.stderr + proc.stdout
+
+    # the v2 checkpoint in a v2 image whose stack is v1's (anemoi-models 0.6.0)
+    repo = "team/aifs-v2-copy"
+    _hf_cache_with(hf_home, repo, "model.ckpt", tiny_checkpoints["v2"], commit)
+    proc = _stage_runner(tmp_path, df, "checkpoint", "v2", python=_worker_python("v1"))(
+        bake_run, AIFS_CHECKPOINT_REPO=repo, AIFS_CHECKPOINT_FILE="model.ckpt", AIFS_CHECKPOINT_REVISION=commit, HF_HUB_OFFLINE="1")
+    assert proc.returncode != 0
+    assert "needs anemoi-models 0.11.x (generation v2); this image has anemoi-models 0.6.0, which cannot load it" in proc.stderr + proc.stdout
+
+
 def test_checkpoint_stage_refuses_a_wrong_file(tmp_path, tiny_checkpoint):
     df = Stages(GPU)
-    args = df.args("checkpoint")
+    base = df.env(f"build-base-{DEFAULT_GENERATION}")
     commit = "fedcba9876543210fedcba9876543210fedcba98"
     hf_home = tmp_path / "opt-aifs" / "hf"
     bad = tmp_path / "error-page.html"
     bad.write_text("<html>429 Too Many Requests</html>")
-    _hf_cache_with(hf_home, args["AIFS_CHECKPOINT_REPO"], args["AIFS_CHECKPOINT_FILE"], bad, commit)
+    _hf_cache_with(hf_home, base["AIFS_DEFAULT_CHECKPOINT_REPO"], base["AIFS_DEFAULT_CHECKPOINT_FILE"], bad, commit)
     run = _stage_runner(tmp_path, df, "checkpoint")
     bake_run = df.runs("checkpoint")[0]
 
@@ -338,14 +415,16 @@ def test_checkpoint_stage_refuses_a_wrong_file(tmp_path, tiny_checkpoint):
     assert proc.returncode != 0 and "SHA-256" in proc.stderr + proc.stdout
 
 
-def test_final_stage_self_check_passes_in_the_worker_environment(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("name", sorted(GENERATIONS))
+def test_final_stage_self_check_passes_in_the_worker_environment(tmp_path, tiny_checkpoints, name):
     df = Stages(GPU)
-    target = tmp_path / "opt-aifs" / "checkpoints" / "aifs-ens-crps-1.0.ckpt"
+    filename = df.env(f"runtime-base-{name}")["AIFS_DEFAULT_CHECKPOINT_FILE"]
+    target = tmp_path / "opt-aifs" / "checkpoints" / filename
     target.parent.mkdir(parents=True)
-    target.symlink_to(tiny_checkpoint)
-    run = _stage_runner(tmp_path, df, "worker")
+    target.symlink_to(tiny_checkpoints[name])
+    run = _stage_runner(tmp_path, df, "worker", name)
     check = next(r for r in df.runs("worker") if "aifs.worker --help" in r)
-    env_ckpt = df.env("worker")["AIFS_CHECKPOINT"].replace("${AIFS_CHECKPOINT_FILE}", df.args("worker")["AIFS_CHECKPOINT_FILE"])
+    env_ckpt = df.env("worker")["AIFS_CHECKPOINT"].replace("${AIFS_DEFAULT_CHECKPOINT_FILE}", filename)
     proc = run(check, AIFS_CHECKPOINT=env_ckpt)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     target.unlink()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 from aifs.layout import DEFAULT_LEAD_TIME_HOURS, DEFAULT_UPLOAD_THREADS
 
@@ -76,6 +76,9 @@ class RunInfo:
     dag_id: str
     run_id: str
     date: str  # YYYYMMDD_HHMM, the forecast date of this run
+    #: the checkpoint's generation (aifs.generations): which image or worker Python runs the members.
+    #: None: not chosen (runs checked before generations existed): the deployment's one image/python.
+    generation: str | None = None
 
     @property
     def slug(self) -> str:
@@ -99,6 +102,11 @@ class RunInfo:
 
         return job_name(self.date, member, self.run_id)
 
+    def step_job_name(self, step: str) -> str:
+        """Name of the run's CPU step job, pod or VM: ``aifs-<slug>-<step>`` (a member's ends in ``-mNNN``)."""
+        check_step(step)
+        return f"aifs-{self.slug}-{step}"
+
 
 class HostBackend(abc.ABC):
     """One way of reaching a GPU. ``settings`` are the deployment's host settings (AIFS_ENS_HOST)."""
@@ -110,6 +118,24 @@ class HostBackend(abc.ABC):
 
     def __init__(self, settings: dict[str, Any] | None = None):
         self.settings = validate_settings(self.SETTINGS_SCHEMA, dict(settings or {}), type(self).__name__)
+        problems = self.settings_problems(self.settings)
+        if problems:
+            raise BadSettings(f"{type(self).__name__} settings invalid: {'; '.join(problems)}")
+
+    @classmethod
+    def settings_problems(cls, settings: dict[str, Any]) -> list[str]:
+        """What the schema cannot say about a backend's settings (the deployment checks it at parse time too)."""
+        return []
+
+    # -- the run's generation: which image or Python runs its members ------------------------------
+
+    def settings_for(self, generation: str | None) -> dict[str, Any]:
+        """These settings with ``image``/``python``/``worker_python`` of that generation (PER_GENERATION)."""
+        return settings_for_generation(self.settings, generation)
+
+    def environment_for(self, generation: str | None) -> str:
+        """What runs that generation's members here (an image, a Python), for the log; raises NoEnvironment."""
+        return "this backend's worker"
 
     @abc.abstractmethod
     def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
@@ -138,9 +164,45 @@ class HostBackend(abc.ABC):
     def delete_host(self, run: RunInfo, log: LogSink) -> None:
         """Make the host not exist; a host that is already gone is success."""
 
+    # -- CPU steps (aifs.orchestration.steps): the worker image's other programs, without a GPU --------
+
+    def run_step(self, run: RunInfo, step: str, module: str, args: Sequence[str], env: dict[str, str], log: LogSink, *,
+                 timeout_s: float | None = None) -> int:
+        """Run ``python -m <module> <args>`` of the worker environment as a CPU job; stream its log; return its exit code.
+
+        Never on the GPU and never under the GPU lock: a step (building inputs, making products) must
+        not bill or hold a GPU. ``env`` (secrets included) reaches the process only, never a log line.
+        ``timeout_s`` is the job's deadline from its launch, enforced where the job runs when the
+        backend can. Called again for the same run and step while the job runs, it re-attaches
+        where the backend can (ssh, gce); raises StepTimeout when the deadline stopped it.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot run CPU steps")
+
+    def stop_step(self, run: RunInfo, step: str, log: LogSink) -> None:
+        """Stop the step's job if it runs (its task was killed: timeout, marked failed, cleared)."""
+
 
 class MemberTimeout(RuntimeError):
     """The member's job ran past its deadline (member_timeout from launch) and was stopped."""
+
+
+class StepTimeout(RuntimeError):
+    """A CPU step ran past its deadline (from its launch) and was stopped."""
+
+
+#: A step's name goes into job, pod and VM names (lowercase, short); its module is a dotted Python name.
+STEP_PATTERN = r"^[a-z][a-z0-9]{0,11}$"
+MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+def check_step(step: str, module: str | None = None) -> None:
+    """Refuse a step name that cannot name a VM or pod, or a module that is not a dotted name."""
+    import re
+
+    if not re.fullmatch(STEP_PATTERN, str(step)):
+        raise ValueError(f"step name {step!r} must match {STEP_PATTERN} (it names the step's job, pod or VM)")
+    if module is not None and not re.fullmatch(MODULE_PATTERN, str(module)):
+        raise ValueError(f"step module {module!r} is not a dotted Python module name")
 
 
 class GPUBusy(RuntimeError):
@@ -149,6 +211,53 @@ class GPUBusy(RuntimeError):
 
 class BadSettings(ValueError):
     """Backend settings that do not match the backend's SETTINGS_SCHEMA."""
+
+
+class NoEnvironment(ValueError):
+    """The deployment has no image or worker Python for the generation a run's checkpoint needs."""
+
+
+#: Host settings a deployment gives once per generation (``{"v1": ..., "v2": ...}``) -> the single
+#: setting they stand for. The single one (``image``, ``python``, ``worker_python``) stays valid: it
+#: is what runs a generation the map does not name (a deployment of one generation; deployments
+#: made before generations existed, whose image is v1's).
+PER_GENERATION = {"images": "image", "pythons": "python", "worker_pythons": "worker_python"}
+
+
+def per_generation_schema(what: str) -> dict[str, Any]:
+    """JSON schema of a ``{generation: value}`` host setting; keys are aifs.generations' names."""
+    from aifs.generations import GENERATIONS
+
+    return {
+        "type": "object",
+        "propertyNames": {"enum": list(GENERATIONS)},
+        "additionalProperties": {"type": "string", "minLength": 1},
+        "default": {},
+        "description": f"{what} per checkpoint generation, e.g. {{\"v1\": ..., \"v2\": ...}}; a generation not named here uses the single setting",
+    }
+
+
+def settings_for_generation(settings: dict[str, Any], generation: str | None) -> dict[str, Any]:
+    """``settings`` with each PER_GENERATION single setting replaced by the generation's entry, if any."""
+    resolved = dict(settings)
+    for many, one in PER_GENERATION.items():
+        chosen = (settings.get(many) or {}).get(generation) if generation else None
+        if chosen:
+            resolved[one] = chosen
+    return resolved
+
+
+def require_image(backend: str, settings: dict[str, Any], generation: str | None) -> str:
+    """The worker image that runs ``generation`` under these host settings; NoEnvironment when there is none."""
+    image = settings_for_generation(settings, generation).get("image")
+    if not image:
+        named = ", ".join(sorted(settings.get("images") or {})) or "none"
+        raise NoEnvironment(
+            f"the {backend} backend has no worker image for {generation or 'this'} checkpoints: AIFS_ENS_HOST names "
+            f"images for {named} and no 'image'; add images.{generation} (the image built with GENERATION={generation}, "
+            "see the operator's guide)"
+        )
+    return image
 
 
 #: What a worker environment variable's name may be: a shell identifier. Names end up in job scripts

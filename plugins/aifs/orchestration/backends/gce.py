@@ -25,7 +25,7 @@ from typing import Any
 
 from aifs import hostcontract
 from aifs.orchestration.backends import remote_job
-from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register
+from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register, require_image
 from aifs.orchestration.backends.ssh import new_remote_job, open_ssh_client, run_remote_member, stop_remote_member
 
 #: GPU presets: accelerator-optimized machine types come with their GPU attached.
@@ -107,6 +107,8 @@ class GCEBackend(HostBackend):
             "use_oslogin": {"type": "boolean", "default": True},
             "use_iap_tunnel": {"type": "boolean", "default": True},
             "ssh_user": {"type": "string", "default": "aifs", "description": "user for metadata SSH keys (use_oslogin false)"},
+            "step_machine_type": {"type": "string", "default": "n2-standard-8",
+                                  "description": "CPU steps (inputs, products): the machine type of the CPU VM made for each step"},
             **remote_job.job_settings_properties(
                 launch="container",
                 sudo=True,
@@ -147,7 +149,8 @@ class GCEBackend(HostBackend):
         }
         metadata = [
             {"key": "startup-script", "value": self.startup_script()},
-            {"key": hostcontract.METADATA_WORKER_IMAGE, "value": s["image"]},
+            # the image of the run's checkpoint generation: the startup script pulls it
+            {"key": hostcontract.METADATA_WORKER_IMAGE, "value": require_image("gce", s, run.generation)},
         ]
         if s["use_oslogin"]:
             metadata.insert(0, {"key": "enable-oslogin", "value": "TRUE"})
@@ -157,6 +160,7 @@ class GCEBackend(HostBackend):
             "run": label_value(run.run_id),
             "date": label_value(run.date.replace("_", "-")),
             "run-hash": run.run_hash,
+            **({"generation": label_value(run.generation)} if run.generation else {}),
             **{label_value(k): label_value(v) for k, v in s["labels"].items()},
         }
         body: dict[str, Any] = {
@@ -247,18 +251,18 @@ class GCEBackend(HostBackend):
         else:
             log(f"[aifs] VM {name} exists ({status})")
         if created or wait_ready:
-            remote_job.wait_until_ready(lambda: self._connect(run), self.settings, log, f"VM {name}")
+            remote_job.wait_until_ready(lambda: self._connect(run), self.settings_for(run.generation), log, f"VM {name}")
         return created
 
     # -- SSH ------------------------------------------------------------------------------------
 
-    def ssh_hook(self, run: RunInfo):
+    def ssh_hook(self, run: RunInfo, instance: str | None = None):
         from airflow.providers.google.cloud.hooks.compute_ssh import ComputeEngineSSHHook
 
         s = self.settings
         return ComputeEngineSSHHook(
             gcp_conn_id=s["gcp_conn_id"],
-            instance_name=self.instance_name(run),
+            instance_name=instance or self.instance_name(run),
             zone=s["zone"],
             project_id=s["project_id"],
             user=s["ssh_user"],
@@ -270,10 +274,13 @@ class GCEBackend(HostBackend):
             cmd_timeout=None,
         )
 
-    def _connect(self, run: RunInfo):
-        return open_ssh_client(self.ssh_hook(run), self.settings["keepalive_interval"])
+    def _connect(self, run: RunInfo, instance: str | None = None):
+        return open_ssh_client(self.ssh_hook(run, instance), self.settings["keepalive_interval"])
 
     # -- the interface --------------------------------------------------------------------------
+
+    def environment_for(self, generation: str | None) -> str:
+        return f"worker image {require_image('gce', self.settings, generation)}"
 
     def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
         created = self.ensure_vm(run, log, wait_ready=True)
@@ -304,7 +311,7 @@ class GCEBackend(HostBackend):
 
         job = new_remote_job(self, lambda: self._connect(run), run, member, log, timeout_s=timeout_s,
                              on_session_lost=on_session_lost)
-        return run_remote_member(job, self.settings, run, member, worker)
+        return run_remote_member(job, self.settings_for(run.generation), run, member, worker)
 
     def stop_member(self, run: RunInfo, member: int, log: LogSink) -> None:
         if self.instance_status(run) not in (None, *DEAD_STATES):
@@ -312,3 +319,107 @@ class GCEBackend(HostBackend):
 
     def delete_host(self, run: RunInfo, log: LogSink) -> None:
         self._delete(run, log)
+
+    # -- CPU steps: a CPU VM of their own (see cpu_startup_script below) ------------------------
+
+    def run_step(self, run: RunInfo, step: str, module: str, args, env: dict[str, str], log: LogSink, *,
+                 timeout_s: float | None = None) -> int:
+        """Make the step's CPU VM, run the step there as a detached job, delete the VM whatever happened."""
+        from google.api_core.exceptions import Conflict
+
+        from aifs.orchestration.backends.base import check_step
+        from aifs.orchestration.backends.ssh import run_remote_step
+
+        check_step(step, module)
+        s = self.settings
+        name = step_vm_name(self, run, step)
+        settings = {**s, "launch": "container", "gpu_check": None}  # a CPU VM: no nvidia-smi to answer
+        try:
+            log(f"[aifs] creating CPU VM {name} for step {step} ({s['step_machine_type']} in {s['zone']}; no GPU)")
+            try:
+                self._compute().insert_instance(body=step_instance_body(self, run, step, timeout_s), zone=s["zone"],
+                                                project_id=s["project_id"])
+            except Conflict:  # a retry, or a try whose task process died: the same VM, adopted
+                log(f"[aifs] VM {name} already exists: adopting it")
+
+            def connect():
+                return self._connect(run, name)
+
+            remote_job.wait_until_ready(connect, settings, log, f"VM {name}")
+            return run_remote_step(settings, connect, run, step, module, args, env, log, timeout_s)
+        finally:
+            self._delete_step_vm(name, log)
+
+    def stop_step(self, run: RunInfo, step: str, log: LogSink) -> None:
+        """The step's task was killed: deleting its VM stops the step (and its bill)."""
+        self._delete_step_vm(step_vm_name(self, run, step), log)
+
+    def _delete_step_vm(self, name: str, log: LogSink) -> None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            self._compute().delete_instance(resource_id=name, zone=self.settings["zone"], project_id=self.settings["project_id"])
+            log(f"[aifs] deleted CPU VM {name}")
+        except NotFound:
+            log(f"[aifs] CPU VM {name} is already gone")
+
+
+# -- CPU steps: a CPU VM of their own ---------------------------------------------------------------
+#
+# A step (building inputs, making products) needs CPUs, not a GPU: running it on the run's GPU VM
+# would bill a GPU for it (and there is no GPU VM outside a forecast run). So each step gets a small
+# CPU VM, ``{name_prefix}-{date}-{run hash}-{step}`` (``step_machine_type``), made and deleted around
+# it: same boot image, network, service account and worker image as the GPU VM, reached the same way
+# (OS Login + IAP), the step a detached container job without ``--gpus``. The VM deletes itself
+# after the step's timeout plus an hour whatever happens to Airflow (``max_run_duration``), and its
+# bootstrap is the GPU VM's startup script less the GPU check (``cpu_startup_script``).
+
+#: Where the GPU check starts and ends in include/startup-script.sh (a CPU VM skips it).
+GPU_SECTION_START = "# --- 4. the GPU"
+GPU_SECTION_END = "# --- 5. scratch"
+#: A step VM outlives its step's deadline by this much at most (time to boot, pull and clean up).
+STEP_VM_MARGIN_S = 3600
+
+
+def cpu_startup_script(gpu_script: str) -> str:
+    """The GPU VM's bootstrap without its GPU section: Docker, login, pull, scratch and the ready marker.
+
+    Derived from the one script rather than kept as a second copy, so the two never drift apart.
+    """
+    start, end = gpu_script.find(GPU_SECTION_START), gpu_script.find(GPU_SECTION_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the startup script has no {GPU_SECTION_START!r} ... {GPU_SECTION_END!r} section to leave out "
+                         "for a CPU step VM; set the gce backend's startup_script to one that has")
+    skipped = ('# --- 4. no GPU: a CPU step VM (aifs.orchestration.backends.gce.cpu_startup_script) ----------------\n'
+               'gpu="none (CPU step VM)"\nseen="GPU not checked"\n\n')
+    return gpu_script[:start] + skipped + gpu_script[end:]
+
+
+def step_vm_name(backend: GCEBackend, run: RunInfo, step: str) -> str:
+    name = f"{backend.settings['name_prefix']}-{run.slug}-{step}"
+    if len(name) > 63:
+        raise ValueError(f"step VM name {name!r} is longer than Compute Engine's 63 characters: shorten name_prefix")
+    return name
+
+
+def step_instance_body(backend: GCEBackend, run: RunInfo, step: str, timeout_s: float | None) -> dict[str, Any]:
+    """The GPU VM's body (network, service account, boot image, image metadata), as a CPU VM for one step."""
+    s, zone = backend.settings, backend.settings["zone"]
+    body = backend.instance_body(run)
+    body.pop("guest_accelerators", None)
+    body["name"] = step_vm_name(backend, run, step)
+    body["machine_type"] = f"zones/{zone}/machineTypes/{s['step_machine_type']}"
+    limit = (timeout_s or s["max_run_hours"] * 3600) + STEP_VM_MARGIN_S
+    body["scheduling"] = {
+        "on_host_maintenance": "MIGRATE",  # no GPU: it may live-migrate
+        "automatic_restart": False,
+        "provisioning_model": "STANDARD",  # a step is short and wanted now: no spot reclaim mid-step
+        "instance_termination_action": "DELETE",
+        "max_run_duration": {"seconds": int(-(-limit // 1))},
+    }
+    body["labels"] = {**body["labels"], "step": label_value(step)}
+    body["metadata"] = {"items": [
+        {**item, "value": cpu_startup_script(item["value"])} if item["key"] == "startup-script" else item
+        for item in body["metadata"]["items"]
+    ]}
+    return body

@@ -26,7 +26,9 @@ import functools
 from typing import Any
 
 from aifs import hostcontract
-from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, env_setting_schema, register
+from aifs.orchestration.backends.base import (
+    HostBackend, LogSink, RunInfo, WorkerSettings, env_setting_schema, per_generation_schema, register, require_image,
+)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
@@ -75,7 +77,8 @@ class GKEBackend(HostBackend):
             "project_id": {"type": "string", "minLength": 1},
             "location": {"type": "string", "minLength": 1, "description": "cluster region or zone"},
             "cluster_name": {"type": "string", "minLength": 1},
-            "image": {"type": "string", "minLength": 1, "description": "worker image"},
+            "image": {"type": "string", "minLength": 1, "description": "worker image (of every generation 'images' does not name)"},
+            "images": per_generation_schema("worker image"),
             "entrypoint": {"type": "array", "items": {"type": "string"}, "default": ["python", "-m", "aifs.worker"]},
             "namespace": {"type": "string", "default": "default"},
             "gpu_type": {"type": "string", "default": "nvidia-a100-80gb",
@@ -100,6 +103,12 @@ class GKEBackend(HostBackend):
             "impersonation_chain": {"type": ["string", "null"], "default": None},
             "use_internal_ip": {"type": "boolean", "default": False},
             "use_dns_endpoint": {"type": "boolean", "default": False},
+            # CPU steps (inputs, products): a pod without GPU on the cluster's CPU nodes
+            "step_cpu": {"type": "string", "default": "4", "description": "CPU steps: the pod's CPU request"},
+            "step_memory": {"type": "string", "default": "16Gi", "description": "CPU steps: the pod's memory request and limit"},
+            "step_scratch_size": {"type": "string", "default": "20Gi", "description": "CPU steps: emptyDir at /scratch"},
+            "step_node_pool": {"type": ["string", "null"], "default": None,
+                               "description": "CPU steps: node pool to run on (null: wherever a CPU node has room)"},
         },
         "additionalProperties": False,
     }
@@ -181,10 +190,12 @@ class GKEBackend(HostBackend):
         entry = list(self.settings["entrypoint"])
         return {
             "env_vars": [k8s.V1EnvVar(name=str(k), value=str(v)) for k, v in sorted(self.settings["env"].items())],
+            "image": require_image("gke", self.settings, run.generation),  # the run's checkpoint generation's
             "name": run.job_name(member),
             "arguments": entry[1:] + worker.worker_args(run.date, member),
             "labels": {"app": "aifs-ens", "aifs-date": run.date.replace("_", "-"), "aifs-run": run.run_hash,
-                       "aifs-member": f"{member:03d}", **self.settings["labels"]},
+                       "aifs-member": f"{member:03d}", **({"aifs-generation": run.generation} if run.generation else {}),
+                       **self.settings["labels"]},
         }
 
     def pod_operator(self, run: RunInfo, member: int, worker: WorkerSettings, timeout_s: float | None = None):
@@ -192,6 +203,63 @@ class GKEBackend(HostBackend):
         return member_pod_operator_class()(
             task_id=f"aifs_member_{member:03d}", **{**self.pod_kwargs(timeout_s), **self.member_pod_fields(run, member, worker)}
         )
+
+    def step_pod_kwargs(self, run: RunInfo, step: str, module: str, args, env: dict[str, str],
+                        timeout_s: float | None = None) -> dict[str, Any]:
+        """A CPU step's pod: the members' pod (image, cluster, account, deadline, re-attach, logs) without any GPU.
+
+        No ``nvidia.com/gpu`` request or limit, no GPU toleration, no accelerator node selector: the
+        scheduler puts it on a CPU node and the GPU pool's autoscaler never wakes for it. ``env``
+        (secrets) is set here, when the step runs, never as an operator argument a DAG renders.
+        """
+        from kubernetes.client import models as k8s
+
+        from aifs.orchestration.backends.base import check_step
+
+        check_step(step, module)
+        s = self.settings
+        kwargs = self.pod_kwargs(timeout_s)
+        entry = list(s["entrypoint"])
+        merged = {**{str(k): str(v) for k, v in s["env"].items()}, **{str(k): str(v) for k, v in env.items()}}
+        kwargs.update(
+            name=run.step_job_name(step),
+            arguments=["-m", module, *map(str, args)],
+            cmds=entry[:1],
+            container_resources=k8s.V1ResourceRequirements(
+                requests={"cpu": s["step_cpu"], "memory": s["step_memory"], "ephemeral-storage": s["step_scratch_size"]},
+                limits={"memory": s["step_memory"]},
+            ),
+            node_selector={NODEPOOL_LABEL: s["step_node_pool"]} if s["step_node_pool"] else {},
+            tolerations=[],
+            volumes=[k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=s["step_scratch_size"]))],
+            volume_mounts=[k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=hostcontract.CONTAINER_SCRATCH)],
+            env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(merged.items())],
+            labels={"app": "aifs-ens", "aifs-date": run.date.replace("_", "-"), "aifs-run": run.run_hash,
+                    "aifs-step": step, **s["labels"]},
+        )
+        return kwargs
+
+    def run_step(self, run: RunInfo, step: str, module: str, args, env: dict[str, str], log: LogSink, *,
+                 timeout_s: float | None = None) -> int:
+        """The step as a CPU pod (the provider's pod operator: logs, re-attach, delete when done)."""
+        from airflow.sdk import get_current_context
+
+        self._step_pod = member_pod_operator_class()(
+            task_id=f"aifs_step_{step}", **self.step_pod_kwargs(run, step, module, args, env, timeout_s))
+        log(f"[aifs] starting CPU pod {run.step_job_name(step)}-* on {self.settings['cluster_name']} (no GPU)")
+        self._step_pod.execute(get_current_context())
+        code = 0 if self._step_pod.aifs_exit_code is None else self._step_pod.aifs_exit_code
+        log(f"[aifs] step {step} pod finished with exit code {code}")
+        return code
+
+    def stop_step(self, run: RunInfo, step: str, log: LogSink) -> None:
+        """The task was killed: the provider's on_kill deletes the pod it started."""
+        pod = getattr(self, "_step_pod", None)
+        if pod is not None:
+            pod.on_kill()
+
+    def environment_for(self, generation: str | None) -> str:
+        return f"worker image {require_image('gke', self.settings, generation)}"
 
     def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
         s = self.settings

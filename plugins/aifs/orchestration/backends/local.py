@@ -14,8 +14,12 @@ before a worker starts and inherited by it, so no worker of any run starts while
 (bounded wait naming the holder, from ``gpu.holder``). The worker runs under coreutils ``timeout``
 with the member's deadline, so it stops at its deadline even if the task process vanished.
 
-The worker Python is ``host.worker_python``, else ``$AIFS_WORKER_PYTHON``, else this Python:
-production keeps the worker stack (torch, anemoi) out of Airflow's environment.
+The worker Python of a run is its checkpoint generation's (aifs.generations): the first of
+``host.worker_pythons[<generation>]``, ``$AIFS_WORKER_PYTHON_<GENERATION>`` (e.g.
+``AIFS_WORKER_PYTHON_V2``), ``host.worker_python``, ``$AIFS_WORKER_PYTHON``, this Python. create_host
+proves it can load that generation (its anemoi-models release line), so a v2 checkpoint never
+starts in a v1 environment. Production keeps the worker stack (torch, anemoi) out of Airflow's
+environment.
 """
 
 from __future__ import annotations
@@ -44,16 +48,23 @@ from aifs.orchestration.backends.base import (
     RunInfo,
     WorkerSettings,
     env_setting_schema,
+    per_generation_schema,
     register,
 )
 
 WORKER_PYTHON_ENV = "AIFS_WORKER_PYTHON"
 
+
+def worker_python_env(generation: str) -> str:
+    """The variable naming one generation's worker Python: ``AIFS_WORKER_PYTHON_V2`` for v2."""
+    return f"{WORKER_PYTHON_ENV}_{generation.upper()}"
+
 #: What create_host asks the worker Python to prove: the stack imports, and which devices it has.
 _CHECK_SCRIPT = """
 import json, sys
+from importlib.metadata import version
 import aifs.worker.cli, torch, anemoi.inference
-print(json.dumps({"python": sys.executable, "torch": torch.__version__,
+print(json.dumps({"python": sys.executable, "torch": torch.__version__, "anemoi_models": version("anemoi-models"),
                   "cuda": torch.cuda.is_available(), "gpus": torch.cuda.device_count()}))
 """
 
@@ -71,8 +82,10 @@ class LocalBackend(HostBackend):
             "worker_python": {
                 "type": "string",
                 "default": "",
-                "description": f"Python of the worker environment; empty: ${WORKER_PYTHON_ENV}, else Airflow's own",
+                "description": f"Python of the worker environment of every generation worker_pythons does not name; "
+                               f"empty: ${WORKER_PYTHON_ENV}, else Airflow's own",
             },
+            "worker_pythons": per_generation_schema("Python of the worker environment"),
             "scratch_dir": {
                 "type": "string",
                 "default": "",
@@ -101,7 +114,23 @@ class LocalBackend(HostBackend):
 
     @property
     def worker_python(self) -> str:
-        return self.settings["worker_python"] or os.environ.get(WORKER_PYTHON_ENV) or sys.executable
+        """The worker Python when no generation is chosen (CPU steps, runs checked before generations)."""
+        return self.worker_python_for(None)[0]
+
+    def worker_python_for(self, generation: str | None) -> tuple[str, str]:
+        """``(python, the setting that named it)`` for a generation's members (see the module doc)."""
+        candidates = []
+        if generation:
+            env_name = worker_python_env(generation)
+            candidates += [(self.settings["worker_pythons"].get(generation), f"host.worker_pythons.{generation}"),
+                           (os.environ.get(env_name), f"${env_name}")]
+        candidates += [(self.settings["worker_python"], "host.worker_python"),
+                       (os.environ.get(WORKER_PYTHON_ENV), f"${WORKER_PYTHON_ENV}")]
+        return next(((python, source) for python, source in candidates if python), (sys.executable, "Airflow's own Python"))
+
+    def environment_for(self, generation: str | None) -> str:
+        python, source = self.worker_python_for(generation)
+        return f"worker Python {python} ({source})"
 
     def scratch_root(self) -> Path:
         return Path(self.settings["scratch_dir"] or os.path.join(tempfile.gettempdir(), "aifs-scratch"))
@@ -125,9 +154,9 @@ class LocalBackend(HostBackend):
     # -- the three moments ------------------------------------------------------------------
 
     def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
-        python = self.worker_python
+        python, source = self.worker_python_for(run.generation)
         if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-            raise RuntimeError(f"worker Python {python!r} is not an executable file (host.worker_python / ${WORKER_PYTHON_ENV})")
+            raise RuntimeError(f"worker Python {python!r} is not an executable file ({source})")
         log(f"checking the worker environment: {python}")
         try:
             probe = subprocess.run(
@@ -144,6 +173,7 @@ class LocalBackend(HostBackend):
                 f"the worker environment at {python} cannot run the worker (exit {probe.returncode}):\n{probe.stderr[-3000:]}"
             )
         facts = json.loads(probe.stdout.strip().splitlines()[-1])
+        self._check_generation(run.generation, facts, python, source)
         if self.settings["device"] == "cuda" and not facts["cuda"]:
             raise RuntimeError(f"host.device is cuda but torch {facts['torch']} at {python} sees no GPU")
 
@@ -154,8 +184,9 @@ class LocalBackend(HostBackend):
         if free_gb < self.settings["min_free_gb"]:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise RuntimeError(f"only {free_gb:.1f} GB free in {run_dir}; host.min_free_gb is {self.settings['min_free_gb']}")
-        facts.update(scratch=str(run_dir), free_gb=round(free_gb, 1))
-        log(f"worker environment ok: torch {facts['torch']}, cuda {facts['cuda']} ({facts['gpus']} GPUs), "
+        facts.update(scratch=str(run_dir), free_gb=round(free_gb, 1), generation=run.generation)
+        log(f"worker environment ok: torch {facts['torch']}, anemoi-models {facts.get('anemoi_models', '?')}"
+            f"{f' (generation {run.generation})' if run.generation else ''}, cuda {facts['cuda']} ({facts['gpus']} GPUs), "
             f"scratch {run_dir} ({free_gb:.1f} GB free)")
         return facts
 
@@ -163,7 +194,7 @@ class LocalBackend(HostBackend):
                    timeout_s: float | None = None) -> int:
         run_dir = self.run_dir(run)
         worker = dataclasses.replace(worker, input_dir=str(run_dir / "input"), output_dir=str(run_dir / "output"))
-        cmd = [self.worker_python, "-m", "aifs.worker", *worker.worker_args(run.date, member)]
+        cmd = [self.worker_python_for(run.generation)[0], "-m", "aifs.worker", *worker.worker_args(run.date, member)]
         if self.settings["device"] != "auto":
             cmd += ["--device", self.settings["device"]]
         pid_file = run_dir / f"member{member:03d}.pid"
@@ -227,6 +258,83 @@ class LocalBackend(HostBackend):
     def stop_member(self, run: RunInfo, member: int, log: LogSink) -> None:
         self._stop_orphan(self.run_dir(run) / f"member{member:03d}.pid", log)
 
+    @staticmethod
+    def _check_generation(name: str | None, facts: dict[str, Any], python: str, source: str) -> None:
+        """The environment's anemoi-models must be the release line that unpickles the run's checkpoint."""
+        if not name:
+            return
+        from aifs.generations import GENERATIONS
+
+        generation, found = GENERATIONS[name], facts.get("anemoi_models")
+        if not (found and generation.loads(found)):
+            line = ".".join(map(str, generation.anemoi_models))
+            raise RuntimeError(
+                f"the worker environment at {python} ({source}) has anemoi-models {found or 'unknown'}, which cannot load "
+                f"this run's {generation.model} checkpoint (generation {name}, anemoi-models {line}.x): point "
+                f"host.worker_pythons.{name} or ${worker_python_env(name)} at the {generation.local_venv} environment "
+                f"({generation.requirements})"
+            )
+
+    # -- CPU steps ------------------------------------------------------------------------------
+
+    def step_pid_file(self, run: RunInfo, step: str) -> Path:
+        return self.scratch_root() / "steps" / f"{run.step_job_name(step)}.pid"
+
+    def run_step(self, run: RunInfo, step: str, module: str, args, env: dict[str, str], log: LogSink, *,
+                 timeout_s: float | None = None) -> int:
+        """``<worker python> -m <module> <args>`` as a subprocess: no GPU lock, its own process group.
+
+        Under coreutils ``timeout`` with the step's deadline, like a member, so the deadline holds
+        even when the task process is SIGKILLed; an orphan of an earlier try is stopped first.
+        ``env`` goes to the process's environment only (never into the logged command line).
+        """
+        from aifs.orchestration.backends.base import StepTimeout, check_step
+
+        check_step(step, module)
+        cmd = [self.worker_python, "-m", module, *map(str, args)]
+        pid_file = self.step_pid_file(run, step)
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan(pid_file, log, marker=b"-m\0" + module.encode())
+        log("$ " + " ".join(cmd))
+        timeout_bin = shutil.which("timeout")
+        supervised = cmd
+        if timeout_s and timeout_bin:
+            supervised = [timeout_bin, "-k", str(KILL_AFTER_S), f"{max(1, int(-(-timeout_s // 1)))}", *cmd]
+        launched = time.time()
+        process = subprocess.Popen(
+            supervised,
+            env={**self._env(), **{str(k): str(v) for k, v in env.items()}},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,  # its own process group: stopped with its children
+        )
+        pid_file.write_text(str(process.pid))
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log(line.rstrip("\n"))
+            code = process.wait()
+        finally:
+            if process.poll() is None:  # the task was killed: the step must not outlive it
+                _signal_group(process.pid, signal.SIGTERM)
+                log(f"stopped step process group {process.pid}")
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    _signal_group(process.pid, signal.SIGKILL)
+                    process.wait()
+            with contextlib.suppress(FileNotFoundError):
+                pid_file.unlink()
+        if timeout_s and code != 0 and time.time() >= launched + timeout_s:
+            raise StepTimeout(f"step {step} exceeded its timeout ({timeout_s:.0f} s from its launch) and was stopped (exit {code})")
+        return code
+
+    def stop_step(self, run: RunInfo, step: str, log: LogSink) -> None:
+        self._stop_orphan(self.step_pid_file(run, step), log, marker=b"-m\0aifs.")
+
     # -- the GPU lock -------------------------------------------------------------------------
 
     def _take_gpu(self, run: RunInfo, member: int, timeout_s: float | None, log: LogSink):
@@ -274,13 +382,13 @@ class LocalBackend(HostBackend):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _stop_orphan(self, pid_file: Path, log: LogSink) -> None:
+    def _stop_orphan(self, pid_file: Path, log: LogSink, marker: bytes = b"aifs.worker") -> None:
         """A worker left by a task process that was SIGKILLed: stop it before starting another."""
         try:
             pid = int(pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return
-        if _alive(pid) and _is_worker(pid):
+        if _alive(pid) and _is_worker(pid, marker):
             log(f"stopping worker {pid} left by an earlier try")
             _stop_group(pid)
         with contextlib.suppress(FileNotFoundError):
@@ -304,9 +412,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_worker(pid: int) -> bool:
+def _is_worker(pid: int, marker: bytes = b"aifs.worker") -> bool:
     try:
-        return b"aifs.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): trust the pid file
 

@@ -108,7 +108,7 @@ printf '%s\n' "$code" >"$J/exit.tmp" && mv -f "$J/exit.tmp" "$J/exit"
 
 ENSURE_SH = r"""
 set -u
-D="$1"; J="$1/$2"; CMD_B64="$3"; RUNNER_B64="$4"; ARGS_B64="$5"; LIMIT="$6"; WHO_B64="$7"; KILL_AFTER="$8"
+D="$1"; J="$1/$2"; CMD_B64="$3"; RUNNER_B64="$4"; ARGS_B64="$5"; LIMIT="$6"; WHO_B64="$7"; KILL_AFTER="$8"; GPU="${9:-1}"
 mkdir -p "$J" || { echo "error cannot create $J"; exit 20; }
 exec 8>>"$J/launch.lock"
 flock -w 60 8 || { echo "error launch lock of $J busy for 60 s"; exit 21; }
@@ -124,9 +124,12 @@ if [ -e "$J/exit" ] && [ ! -e "$J/reported" ]; then
   echo "finished $(cat "$J/exit") $([ -e "$J/timedout" ] && echo timedout)"; exit 0
 fi
 # a launch needs the host's GPU: take gpu.lock here and hand it (fd 7) to the runner, which keeps it
-# for the whole job; no job of any run starts while another holds it
-exec 7>>"$D/gpu.lock"
-flock -n 7 || { echo "busy $(head -c 2000 "$D/gpu.holder" 2>/dev/null | tr '\n' ' ')"; exit 0; }
+# for the whole job; no job of any run starts while another holds it. A CPU step (GPU=0) neither
+# takes nor waits for it: it must not hold up members, nor be held up by them
+if [ "$GPU" = 1 ]; then
+  exec 7>>"$D/gpu.lock"
+  flock -n 7 || { echo "busy $(head -c 2000 "$D/gpu.holder" 2>/dev/null | tr '\n' ' ')"; exit 0; }
+fi
 prev=none
 if [ -e "$J/exit" ]; then prev="reported:$(cat "$J/exit")"; elif [ -e "$J/pid" ]; then prev=lost; fi
 n=$(( $(launches) + 1 ))
@@ -138,7 +141,7 @@ printf %s "$ARGS_B64" | base64 -d >"$J/args" || { echo "error writing args"; exi
 chmod 700 "$J/cmd" "$J/runner"
 now=$(date +%s)
 [ "$LIMIT" -gt 0 ] && echo $((now + LIMIT)) >"$J/deadline"
-printf 'job=%s %s since=%s deadline=%s\n' "$2" "$(printf %s "$WHO_B64" | base64 -d)" \
+[ "$GPU" = 1 ] && printf 'job=%s %s since=%s deadline=%s\n' "$2" "$(printf %s "$WHO_B64" | base64 -d)" \
   "$(date -u -d "@$now" +%Y-%m-%dT%H:%M:%SZ)" "$([ "$LIMIT" -gt 0 ] && date -u -d "@$((now + LIMIT))" +%Y-%m-%dT%H:%M:%SZ || echo none)" >"$D/gpu.holder"
 : >"$J/log"
 printf '%s launch %s prev=%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$n" "$prev" >>"$J/launches"
@@ -343,7 +346,10 @@ def job_settings_properties(**defaults: Any) -> dict[str, Any]:
                    "description": "run the worker as a plain process or as a docker container"},
         "python": {"type": "string", "default": "python3",
                    "description": "process launch: interpreter on the host that has the aifs package"},
-        "image": {"type": ["string", "null"], "default": None, "description": "container launch: worker image"},
+        "image": {"type": ["string", "null"], "default": None,
+                  "description": "container launch: worker image (of every generation 'images' does not name)"},
+        "images": base.per_generation_schema("container launch: worker image"),
+        "pythons": base.per_generation_schema("process launch: interpreter on the host"),
         "entrypoint": {"type": "array", "items": {"type": "string"}, "default": ["python", "-m", "aifs.worker"],
                        "description": "container launch: program run in the image (first item becomes --entrypoint)"},
         "gpus": {"type": ["string", "null"], "default": "all", "description": "container launch: docker --gpus"},
@@ -403,6 +409,24 @@ def job_script(settings: dict[str, Any], name: str, worker_args: Sequence[str]) 
     return process_script(argv, env=env, workdir=settings.get("workdir"))
 
 
+def step_script(settings: dict[str, Any], name: str, module: str, args: Sequence[str], env: dict[str, str]) -> str:
+    """The job script of a CPU step: ``python -m <module> <args>`` of the worker image, without a GPU.
+
+    Container launch: the worker image with the same entrypoint program but ``-m <module>``, and no
+    ``--gpus`` (the container sees no GPU). Process launch: the host's ``python``. ``env`` (the step's
+    secrets) joins the backend's ``env`` in the script, which only the job's owner may read (mode 700).
+    """
+    merged = {**{str(k): str(v) for k, v in settings["env"].items()}, **{str(k): str(v) for k, v in env.items()}}
+    if settings["launch"] == "container":
+        if not settings.get("image"):
+            raise ValueError("launch 'container' needs an 'image' setting")
+        program = (settings["entrypoint"] or ["python"])[0]
+        argv = docker_run_argv(name, settings["image"], [program, "-m", module], list(args), env=merged, gpus=None,
+                               scratch_dir=settings["scratch_dir"], extra=settings["docker_args"], docker=settings["docker"])
+        return container_script(name, argv, docker=settings["docker"])
+    return process_script([settings["python"], "-m", module, *args], env=merged, workdir=settings.get("workdir"))
+
+
 # --------------------------------------------------------------------------------------------
 # The session side.
 # --------------------------------------------------------------------------------------------
@@ -439,6 +463,7 @@ class RemoteJob:
         gpu_wait: float = 600.0,
         gpu_poll: float = 10.0,
         kill_after: int = hostcontract.KILL_AFTER_S,
+        gpu: bool = True,
     ):
         self.connect = connect
         self.jobs_dir = jobs_dir.rstrip("/") or "/"
@@ -454,6 +479,8 @@ class RemoteJob:
         self.gpu_wait = gpu_wait
         self.gpu_poll = gpu_poll
         self.kill_after = kill_after
+        #: False for a CPU step: its launch neither takes nor waits for the host's GPU lock
+        self.gpu = gpu
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_delay = reconnect_delay
         self.command_timeout = command_timeout
@@ -547,7 +574,8 @@ class RemoteJob:
         status, out, err = self._with_reconnects(
             "ensure",
             lambda: self._exec(ENSURE_SH, self.jobs_dir, self.name, _b64(script), _b64(RUNNER_SH),
-                               _b64(args_text(args)), limit, _b64(who), self.kill_after),
+                               _b64(args_text(args)), limit, _b64(who), self.kill_after,
+                               1 if self.gpu else 0),
         )
         words = out.split()
         if status != 0 or not words or words[0] not in ("running", "finished", "launched", "busy", "mismatch"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from aifs.orchestration.backends import remote_job
-from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register
+from aifs.orchestration.backends.base import HostBackend, LogSink, RunInfo, WorkerSettings, register, require_image
 
 
 def open_ssh_client(hook: Any, keepalive_interval: int) -> Any:
@@ -72,6 +72,35 @@ def new_remote_job(backend: HostBackend, connect, run: RunInfo, member: int, log
     )
 
 
+def _step_job(settings: dict[str, Any], connect, run: RunInfo, step: str, log: LogSink,
+              timeout_s: float | None = None, **extra) -> remote_job.RemoteJob:
+    return remote_job.RemoteJob(
+        connect, settings["jobs_dir"], run.step_job_name(step), log,
+        sudo=settings["sudo"], poll_interval=settings["poll_interval"], heartbeat=settings["heartbeat"],
+        stall_timeout=settings["stall_timeout"], member_timeout=timeout_s,
+        reconnect_attempts=settings["reconnect_attempts"], reconnect_delay=settings["reconnect_delay"],
+        gpu=False,  # a CPU step neither takes nor waits for the host's GPU lock
+        **extra,
+    )
+
+
+def run_remote_step(settings: dict[str, Any], connect, run: RunInfo, step: str, module: str, args, env: dict[str, str],
+                    log: LogSink, timeout_s: float | None = None, **extra) -> int:
+    """A CPU step as a detached job (re-attach, deadline on the host), without the GPU lock or ``--gpus``."""
+    from aifs.orchestration.backends.base import check_step
+
+    check_step(step, module)
+    args = [str(a) for a in args]
+    job = _step_job(settings, connect, run, step, log, timeout_s, **extra)
+    # the recorded args decide adoption: another module or other flags under the same step name are not ours
+    script = remote_job.step_script(settings, job.name, module, args, env)
+    return job.run(script, args=["-m", module, *args], who=f"run={run.run_id} step={step}")
+
+
+def stop_remote_step(settings: dict[str, Any], connect, run: RunInfo, step: str, log: LogSink) -> None:
+    stop_remote_member(_step_job(settings, connect, run, step, log), log)
+
+
 @register("ssh")
 class SSHBackend(HostBackend):
     SETTINGS_SCHEMA = {
@@ -95,17 +124,33 @@ class SSHBackend(HostBackend):
         )
         return open_ssh_client(hook, self.settings["keepalive_interval"])
 
+    def environment_for(self, generation: str | None) -> str:
+        settings = self.settings_for(generation)
+        if settings["launch"] == "container":
+            return f"worker image {require_image('ssh', self.settings, generation)}"
+        return f"python {settings['python']} on the host"
+
     def create_host(self, run: RunInfo, log: LogSink) -> dict[str, Any]:
-        said = remote_job.wait_until_ready(self._connect, self.settings, log, f"SSH host {self.settings['ssh_conn_id']!r}")
+        # ready means this run's generation's image is on the host (container launch)
+        said = remote_job.wait_until_ready(self._connect, self.settings_for(run.generation), log,
+                                           f"SSH host {self.settings['ssh_conn_id']!r}")
         return {"backend": "ssh", "ssh_conn_id": self.settings["ssh_conn_id"], "probe": said}
 
     def run_member(self, run: RunInfo, member: int, worker: WorkerSettings, log: LogSink, *,
                    timeout_s: float | None = None) -> int:
         job = new_remote_job(self, self._connect, run, member, log, timeout_s=timeout_s)
-        return run_remote_member(job, self.settings, run, member, worker)
+        return run_remote_member(job, self.settings_for(run.generation), run, member, worker)
 
     def stop_member(self, run: RunInfo, member: int, log: LogSink) -> None:
         stop_remote_member(new_remote_job(self, self._connect, run, member, log), log)
+
+    def run_step(self, run: RunInfo, step: str, module: str, args, env: dict[str, str], log: LogSink, *,
+                 timeout_s: float | None = None) -> int:
+        """On the same box as members, but as a CPU job: no GPU lock (members keep the GPU), no ``--gpus``."""
+        return run_remote_step(self.settings, self._connect, run, step, module, args, env, log, timeout_s)
+
+    def stop_step(self, run: RunInfo, step: str, log: LogSink) -> None:
+        stop_remote_step(self.settings, self._connect, run, step, log)
 
     def delete_host(self, run: RunInfo, log: LogSink) -> None:
         """The host is not ours to delete, but this run's jobs on it are ours to stop."""

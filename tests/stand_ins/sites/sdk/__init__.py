@@ -1,0 +1,1 @@
+"""Stand-in for ``sites.sdk`` (tests and demo only)."""

@@ -58,6 +58,15 @@ demo: env
 bench: $(WORKER_VENV)/.built $(V2_VENV)/.built
 	$(WORKER_PY) bench/member_cycle.py --matrix
 	$(V2_PY) bench/member_cycle.py --generation v2 --lead-time 72 --modes writers,in-process
+	$(MAKE) bench-inputs
+
+# issue 14: 2 members' inputs, 0.25 deg open data -> N320, CPU per member and its breakdown (~1 min on 2 cores)
+bench-inputs: $(WORKER_VENV)/.built
+	$(WORKER_PY) bench/inputs.py --members 2 --workers 1
+
+# issue 15: 50 N320 members -> checked, submitted AI Weather Quest files (target <= 5 min, <= 4 GB on 2 cores)
+bench-products: $(WORKER_VENV)/.built
+	$(WORKER_PY) bench/products.py
 
 clean:
 	rm -rf $(WORKER_VENV) $(V2_VENV) $(AIRFLOW_VENV) .demo

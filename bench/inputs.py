@@ -20,6 +20,9 @@ pressure levels, 4 constants = 94 input variables), two time levels.
   the file's index for every ``retrieve``: those bytes are counted too.
 
 Peak memory is this process's maximum RSS (the mirror is written by another process).
+The CPU breakdown per member (thread CPU of the member's own stages: fetch, header check, MIR, store, pickle,
+crc32c; the rest of the process's CPU, incl. the in-process mirror, as "other") and, inside MIR's share, a
+per-field split (``mir``: eccodes' decode of the input, MIR without output, ArrayOutput, the Regridder) come last.
 """
 
 from __future__ import annotations
@@ -74,9 +77,14 @@ def bench_library(spec, plan, server, members, workers, scratch) -> dict:
     per_member = []
 
     def one(member):
+        from aifs.worker.storage import crc32c_of_file
+
         t = time.perf_counter()
         state, own = builder.member_state(member)
-        path = write_pickle(state, scratch, member)
+        with own.timings.stage("pickle"):
+            path = write_pickle(state, scratch, member)
+        with own.timings.stage("crc32c"):  # what the verified upload computes
+            crc32c_of_file(path)
         size = os.path.getsize(path)
         os.remove(path)
         return member, time.perf_counter() - t, own, size, len(state["fields"])
@@ -87,21 +95,76 @@ def bench_library(spec, plan, server, members, workers, scratch) -> dict:
         for member, seconds, own, size, nvars in pool.map(one, members):
             per_member.append({"member": member, "wall_s": round(seconds, 2), "fetch_s": round(own.timings.fetch, 2),
                                "interpolate_s": round(own.timings.decode_interpolate, 2),
+                               "cpu_s": {k: round(v, 3) for k, v in own.timings.cpu.items()},
                                "bytes_fetched": sum(s["bytes"] for s in own.sources), "pickle_bytes": size})
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     data, index, gets = _served_bytes(server, mark)
     fields = len(spec.variables) * spec.time_levels
     n = len(members)
+    stages = {k: sum(m["cpu_s"][k] for m in per_member) / n for k in per_member[0]["cpu_s"]}
+    # the rest of the process's CPU: the in-process mirror serving the bytes, the client's other threads, Python
+    stages["other (incl. the in-process mirror server)"] = cpu / n - sum(stages.values())
     return {
         "variables": len(spec.variables), "time_levels": spec.time_levels, "fields_per_member": fields,
         "first_use_constants_and_mir_weights": {k: round(v, 2) for k, v in first.items()},
         "constant_bytes_once_per_date": constant_bytes,
         "members": per_member, "workers": workers,
         "wall_s_per_member": round(wall / n, 2), "cpu_s_per_member": round(cpu / n, 2),
+        "cpu_s_per_member_per_core": round(cpu / n / min(workers, os.cpu_count() or 1), 2),
+        "cpu_breakdown_s_per_member": {k: round(v, 2) for k, v in stages.items()},
+        # members after the first, their own thread's CPU (every stage): the first also computes MIR's weights for
+        # fields whose matrix differs from the constants' (a second cache entry, ~2 s once per cache)
+        "cpu_s_per_member_after_the_first": round(sum(sum(m["cpu_s"].values()) for m in per_member[1:])
+                                                  / max(1, n - 1), 2) if n > 1 else None,
         "fields_per_s": round(fields * n / wall, 1),
         "bytes_fetched_per_member": (data + index) // n, "requests_per_member": gets / n,
         "index_fetches_total": opendata.index.fetches,
     }
+
+
+def bench_mir(root: str, grid: str, points: int, sample: int = 20) -> dict:
+    """Inside MIR's share, per field (thread CPU ms, one ENS file's messages): what MIR's own decode of the CCSDS
+    input costs (eccodes), MIR with no output (decode + interpolation), ArrayOutput (what the first version read),
+    and aifs.inputs' Regridder (IEEE 64-bit GRIB output read with numpy)."""
+    import glob
+    import json as _json
+
+    import eccodes
+    import mir
+    import numpy as np
+
+    from aifs.inputs.decode import Message
+    from aifs.inputs.regrid import Regridder
+
+    path = sorted(glob.glob(os.path.join(root, "**", "*-enfo-ef.grib2"), recursive=True))[-1]
+    with open(path[: -len(".grib2")] + ".index") as f:
+        lines = [_json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        data = f.read()
+    messages = [data[x["_offset"]: x["_offset"] + x["_length"]] for x in lines if x.get("number") == "1"][:sample]
+    job, regrid = mir.Job(), Regridder(grid, points)
+    job.set("grid", grid)
+
+    def decode(m):
+        h = eccodes.codes_new_from_message(m)
+        eccodes.codes_get_values(h)
+        eccodes.codes_release(h)
+
+    def array_output(m):
+        out = mir.ArrayOutput()
+        job.execute(mir.GribMemoryInput(m), out)
+        np.asarray(out.values(), "f8")
+
+    ways = {"eccodes_decode_input": decode, "mir_no_output": lambda m: job.execute(mir.GribMemoryInput(m), mir.EmptyOutput()),
+            "mir_array_output": array_output, "regridder": lambda m: regrid(Message("", None, m))}
+    figures = {}
+    for name, way in ways.items():
+        way(messages[0])  # weights in memory
+        started = time.thread_time()
+        for m in messages:
+            way(m)
+        figures[name] = round((time.thread_time() - started) / len(messages) * 1000, 1)
+    return {"ms_cpu_per_field": figures, "fields": len(messages)}
 
 
 def bench_original(spec, plan, server, members, scratch) -> dict:
@@ -172,6 +235,7 @@ def main() -> int:
             ours = bench_library(spec, plan, server, members, args.workers, scratch)
             ours["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
             original = bench_original(spec, plan, server, members, scratch)
+            ours["mir"] = bench_mir(os.path.join(work, "od"), spec.grid, spec.grid_points)
         finally:
             server.stop()
         figures = {"aifs.inputs": ours, "original_pattern": original, "cores": os.cpu_count(),

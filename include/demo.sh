@@ -11,7 +11,10 @@
 #      local backend (set as the deployment's, by AIFS_ENS_* variables; the run's conf holds only a
 #      forecaster's params): the real DAG, the real worker (python -m aifs.worker in its own
 #      environment), one member after another;
-#   5. where the inputs and the forecasts are, and the run summary.
+#   5. where the inputs and the forecasts are, and the run summary;
+#   6. include/demo_products.sh: `airflow dags test aifs_ens_products` for that date (AI Weather Quest
+#      probabilities, maps, plumes, report.html), on the same emulator and database; then where each stage's
+#      output is.
 #
 # Needs AIFS_WORKER_PYTHON (worker environment) and AIRFLOW_PYTHON (Airflow environment); the
 # Makefile sets both after building them. Settings: DEMO_LEAD_TIME (hours, default 792 like the
@@ -34,6 +37,7 @@ AIRFLOW_BIN="$(dirname "$AIRFLOW_PYTHON")/airflow"
 
 say() { printf '\n==> %s\n' "$*"; }
 
+demo_started=$(date +%s)
 # A fresh start every time: Airflow home, bucket contents and scratch (the checkpoint is rebuilt too,
 # it takes seconds).
 rm -rf "$DEMO"
@@ -55,6 +59,8 @@ export AIFS_ENS_BUCKETS="$BUCKET"
 export AIFS_ENS_CHECKPOINTS="{\"$DEMO/tiny-o48.ckpt\": {\"identity\": null}}"
 # where aifs_ens_inputs reads open data: the local mirror started below (in production: google, aws, ...)
 export AIFS_ENS_OPENDATA_SOURCE="http://127.0.0.1:$MIRROR_PORT"
+# a failed try is retried after seconds, not the production's 2 minutes (doubling): a demo that fails says so soon
+export AIFS_ENS_RETRY_DELAY_S="${DEMO_RETRY_DELAY_S:-5}"
 
 say "starting the GCS emulator on $STORAGE_EMULATOR_HOST"
 answers() { "$AIFS_WORKER_PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/storage/v1/b?project=demo', timeout=1)" "$STORAGE_EMULATOR_HOST" 2>/dev/null; }
@@ -71,11 +77,19 @@ for _ in $(seq 100); do
   sleep 0.3
 done
 
+# the deployment's bucket exists before any run, as in production (aifs.inputs writes into it, never creates it)
+"$AIRFLOW_PYTHON" -c "import sys; from aifs.orchestration.storage import storage_client; c = storage_client(); c.lookup_bucket(sys.argv[1]) or c.create_bucket(sys.argv[1])" "$BUCKET"
+
 say "building the tiny AIFS-ENS stand-in and serving open data for members $MEMBERS of $DATE on $AIFS_ENS_OPENDATA_SOURCE"
 "$AIFS_WORKER_PYTHON" -m aifs.testing checkpoint --grid O48 --out "$DEMO/tiny-o48.ckpt" >/dev/null
 "$AIFS_WORKER_PYTHON" -m aifs.testing opendata-mirror --root "$DEMO/opendata" --date "$DATE" \
   --checkpoint "$DEMO/tiny-o48.ckpt" --members "$MEMBERS" --serve --port "$MIRROR_PORT" >"$DEMO/mirror.log" 2>&1 &
 MIRROR_PID=$!
+
+# while the mirror writes its files
+say "creating Airflow's database in $AIRFLOW_HOME"
+"$AIRFLOW_BIN" db migrate >"$DEMO/airflow-db.log" 2>&1 || { tail -50 "$DEMO/airflow-db.log"; exit 1; }
+
 mirror_answers() { "$AIFS_WORKER_PYTHON" -c "import sys; from aifs.inputs.published import opendata_published; sys.exit(0 if opendata_published(sys.argv[1], sys.argv[2]) else 1)" "$AIFS_ENS_OPENDATA_SOURCE" "$DATE" 2>/dev/null; }
 for _ in $(seq 200); do
   mirror_answers && break
@@ -83,9 +97,6 @@ for _ in $(seq 200); do
   sleep 0.3
 done
 mirror_answers || { echo "the open-data mirror did not publish $DATE: see $DEMO/mirror.log"; exit 1; }
-
-say "creating Airflow's database in $AIRFLOW_HOME"
-"$AIRFLOW_BIN" db migrate >"$DEMO/airflow-db.log" 2>&1 || { tail -50 "$DEMO/airflow-db.log"; exit 1; }
 
 INPUTS_CONF="{\"members\": \"$MEMBERS\", \"bucket\": \"$BUCKET\", \"checkpoint\": \"$DEMO/tiny-o48.ckpt\", \"publish_wait_minutes\": 2, \"publish_poke_seconds\": 2}"
 say "airflow dags test aifs_ens_inputs $LOGICAL_DATE  (open data -> input states; full log: $DEMO/inputs-test.log)"
@@ -137,8 +148,8 @@ grep -E "\[(START|MEMBER|WINDOW|MANIFEST|CLEANUP)\]|DAG TEST\] (starting|end) ta
 say "run summary (logged by the verify task)"
 sed -n '/AIFS-ENS run summary for/,/^members: /p' "$DEMO/dags-test.log" | sed -E 's/^.*(AIFS-ENS run summary)/\1/; s/ \[[A-Za-z0-9_.]+\] loc=.*$//'
 
-say "forecasts in gs://$BUCKET/$DATE/forecasts/ (the emulator keeps them on disk in $DEMO/gcs/.cloudstorage/$BUCKET/)"
-"$AIRFLOW_PYTHON" - "$BUCKET" "$DATE" <<'EOF'
+say "forecasts in gs://$BUCKET/$FORECAST_DATE/forecasts/ (the emulator keeps them on disk in $DEMO/gcs/.cloudstorage/$BUCKET/)"
+"$AIRFLOW_PYTHON" - "$BUCKET" "$FORECAST_DATE" <<'EOF'
 import sys
 from aifs import layout
 from aifs.manifest import Manifest
@@ -158,6 +169,13 @@ echo
 echo "run state: $STATE (airflow dags test took $(( $(date +%s) - started )) s)"
 [ "$STATE" = "success" ] || { echo "the run did not succeed: see $DEMO/dags-test.log"; exit 1; }
 
-# --- products stage (issue 15, helper H6): a separate script runs aifs_ens_products here ---------------
-# it gets BUCKET, FORECAST_DATE and this demo's environment, e.g. "$REPO/include/demo_products.sh"
-# --- end of the products stage --------------------------------------------------------------------------
+# The products stage: aifs_ens_products for the forecasts' date, on this demo's emulator and Airflow database
+# (the forecasts asset event would start it under a scheduler; `dags test` runs it by hand).
+DEMO_DATE="$FORECAST_DATE" DEMO_MEMBERS="$MEMBERS" DEMO_PORT="$PORT" DEMO_DIR="$DEMO" bash "$REPO/include/demo_products.sh"
+
+say "the whole loop in $(( $(date +%s) - demo_started )) s"
+echo "  open data:  $AIFS_ENS_OPENDATA_SOURCE (files in $DEMO/opendata)"
+echo "  inputs:     gs://$BUCKET/$FORECAST_DATE/input/ and input_manifests/"
+echo "  forecasts:  gs://$BUCKET/$FORECAST_DATE/forecasts/ and manifests/ (on disk: $DEMO/gcs/.cloudstorage/$BUCKET/)"
+echo "  products:   gs://$BUCKET/$FORECAST_DATE/products/"
+echo "  report:     file://$DEMO/products/$FORECAST_DATE/report.html"

@@ -4,8 +4,9 @@ Only the checkpoint's metadata travels (a file here, gs:// on the emulator, Hugg
 ranged HTTP reads of a local server); a checkpoint no environment loads fails the run at
 choose_environment, before any host; a v2 checkpoint's members run in the v2 environment.
 
-The "v2" checkpoint here is the tiny v1-style model whose recorded anemoi-models says 0.11.2 (what
-aifs.generations reads): it proves the routing, and the v2 environment really runs it.
+The DAG runs the tiny real AIFS-ENS 2.0 architecture (``aifs.testing checkpoint --arch v2``, built and
+run in the v2 environment). The readers' tests use the tiny v1-style model with its recorded
+anemoi-models rewritten (checkpoint_files): the record is all aifs.generations reads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from checkpoint_files import with_recorded_models
-from conftest import FORECAST_DAY, REPO, TEST_CHECKPOINTS, load_dag, local_deployment, run_conf, task_states
+from conftest import FORECAST_DAY, REPO, TEST_CHECKPOINTS, load_dag, local_deployment, run_conf, task_states, worker_run
 
 from aifs import layout
 from aifs.generations import UnsupportedCheckpoint
@@ -40,8 +41,12 @@ def made(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     (root / "not-a-zip.ckpt").write_bytes(b"<html>an error page</html>")
     with zipfile.ZipFile(root / "no-metadata.ckpt", "w") as z:
         z.writestr("model/data.pkl", b"weights")
+    assert V2_PYTHON.is_file(), "the v2 worker environment (.venv-v2) is part of make env"
+    real_v2 = root / "tiny-v2-real.ckpt"  # AIFS-ENS 2.0's real architecture, untrained, waves and snow cover
+    worker_run(str(V2_PYTHON), "-m", "aifs.testing", "checkpoint", "--arch", "v2", "--grid", "O48", "--out", str(real_v2))
     return {
         "v1": Path(tiny_checkpoint),
+        "v2-real": real_v2,
         "v2": with_recorded_models(tiny_checkpoint, root / "tiny-v2.ckpt", "0.11.2"),
         "future": with_recorded_models(tiny_checkpoint, root / "tiny-future.ckpt", "0.19.0"),
         "v2-heavy": with_recorded_models(tiny_checkpoint, root / "tiny-v2-heavy.ckpt", "0.11.2", padding=8 << 20),
@@ -107,12 +112,13 @@ class RangeServer:
     answers byte ranges (206). ``honour_ranges=False`` answers every GET with the whole file (200)."""
 
     def __init__(self, path: Path, honour_ranges: bool = True):
-        self.data, self.served, self.paths = path.read_bytes(), 0, []
+        self.data, self.served, self.paths, self.auth = path.read_bytes(), 0, [], []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 server.paths.append(self.path)
+                server.auth.append(self.headers.get("Authorization"))
                 if "/resolve/" in self.path:
                     self.send_response(302)
                     self.send_header("Location", "/cdn/blob")
@@ -146,13 +152,22 @@ class RangeServer:
         self.httpd.server_close()
 
 
-def test_a_hugging_face_checkpoint_is_read_by_ranges_at_the_pinned_revision(made):
+def test_a_hugging_face_checkpoint_is_read_by_ranges_at_the_pinned_revision(made, monkeypatch):
+    from huggingface_hub import hf_hub_url
+
+    from aifs.orchestration.checkpoints import hugging_face_url
+
+    # the URL huggingface_hub itself builds (Composer need not have huggingface_hub: ours is written out)
+    assert hugging_face_url("ecmwf/aifs-ens-2.0", "aifs-ens-crps-2.0.ckpt", "0123abcd", "https://huggingface.co") == \
+        hf_hub_url("ecmwf/aifs-ens-2.0", "aifs-ens-crps-2.0.ckpt", revision="0123abcd", endpoint="https://huggingface.co")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     heavy = made["v2-heavy"]
     server = RangeServer(heavy)
     try:
         found = read_metadata("ecmwf/aifs-ens-2.0", identity="hf:0123abcd", hf_endpoint=server.url)
     finally:
         server.close()
+    assert server.auth[0] == "Bearer hf_test_token"  # to Hugging Face; requests drops it on a redirect to another host
     assert found.metadata["provenance_training"]["module_versions"]["anemoi.models"] == {"version": "0.11.2"}
     # the known repository's file, at the commit the deployment pinned
     assert server.paths[0] == "/ecmwf/aifs-ens-2.0/resolve/0123abcd/aifs-ens-crps-2.0.ckpt"
@@ -165,6 +180,17 @@ def test_a_server_that_ignores_ranges_is_refused_without_downloading_the_file(ma
     try:
         with pytest.raises(CheckpointUnreadable, match="not 206 Partial Content"):
             read_metadata("ecmwf/aifs-ens-2.0", hf_endpoint=server.url)
+    finally:
+        server.close()
+
+
+def test_an_error_page_over_http_is_not_a_checkpoint(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_bytes(b"<h1>")  # shorter than a zip's end record: the reader's seek must fail as a file's does
+    server = RangeServer(page)
+    try:
+        with pytest.raises(CheckpointUnreadable, match="org/model:model.ckpt is not a checkpoint: not a zip archive"):
+            read_metadata("org/model:model.ckpt", hf_endpoint=server.url)
     finally:
         server.close()
 
@@ -244,12 +270,12 @@ def test_the_dag_refuses_a_checkpoint_no_environment_loads_before_any_host(gener
     assert tries == [1], "a checkpoint no environment loads is not retried"
 
 
-def test_a_v2_checkpoint_runs_in_the_v2_environment_and_v1_in_v1(generations_deployment, made, gcs, bucket, seed, worker_python):
-    assert V2_PYTHON.is_file(), "the v2 worker environment (.venv-v2) is part of make env"
-    seed(bucket, DATE, "1")
+def test_a_v2_checkpoint_runs_in_the_v2_environment_and_v1_in_v1(generations_deployment, made, gcs, bucket, worker_python):
+    worker_run(str(V2_PYTHON), "-m", "aifs.testing", "seed", "--checkpoint", str(made["v2-real"]), "--bucket", bucket,
+               "--date", DATE, "--members", "1")
     dag = load_dag()
 
-    dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(bucket, str(made["v2"]), members="1", lead_time=12))
+    dr = dag.test(logical_date=FORECAST_DAY, run_conf=run_conf(bucket, str(made["v2-real"]), members="1", lead_time=6))
 
     states = task_states(dr)
     assert dr.state == "success", states

@@ -265,3 +265,23 @@ def test_the_report_page_renders_with_every_picture(first_run, gcs, worker_pytho
     stats = json.loads(worker(worker_python, "-c", PIXELS, str(shot)))
     assert stats["size"] == [1280, 2400]
     assert stats["variance"] > 100 and stats["colours"] > 20, f"the screenshot looks blank: {stats}"
+
+
+def test_check_finds_a_product_changed_after_it_was_written(first_run, gcs):
+    """The check compares the bucket's crc32c with the one the manifest recorded, not merely that objects exist."""
+    from aifs.orchestration.products_check import check_target
+
+    bucket = first_run["bucket"]
+    target = {"bucket": bucket, "date": DATE, "members": [1, 2, 3, 4]}
+    _, problems = check_target(gcs, target)
+    assert problems == [], problems
+    manifest = json.loads(gcs.bucket(bucket).blob(layout.products_manifest_object(DATE)).download_as_bytes())
+    assert all(o["crc32c"] and o["size"] > 0 for o in manifest["objects"]), manifest["objects"]
+    damaged = layout.product_object(DATE, "run_durations.png")
+    original = gcs.bucket(bucket).blob(damaged).download_as_bytes()
+    try:
+        gcs.bucket(bucket).blob(damaged).upload_from_string(original[:-1] + bytes([original[-1] ^ 1]), checksum="crc32c")
+        _, problems = check_target(gcs, target)
+        assert any(damaged in p and "crc32c" in p for p in problems), problems
+    finally:
+        gcs.bucket(bucket).blob(damaged).upload_from_string(original, checksum="crc32c")

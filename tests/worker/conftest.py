@@ -59,6 +59,20 @@ def slow_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def v2_checkpoint(tmp_path_factory) -> str:
+    """The tiny real-architecture AIFS-ENS 2.0 model (waves, snow, 10 hPa), made by the v2 environment."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    v2_python = os.environ.get("AIFS_WORKER_PYTHON_V2") or str(root / ".venv-v2" / "bin" / "python")
+    path = tmp_path_factory.mktemp("ckpt-v2") / "tiny-v2.ckpt"
+    subprocess.run([v2_python, "-m", "aifs.testing", "checkpoint", "--arch", "v2", "--grid", "O48", "--out", str(path)],
+                   check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def spec(checkpoint) -> Spec:
     return Spec(checkpoint)
 

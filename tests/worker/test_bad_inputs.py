@@ -205,16 +205,11 @@ def test_tolerated_state_runs(run_main, client, bucket, checkpoint, dirs):
     assert dirs.files() == []
 
 
-def test_v2_checkpoint_in_v1_environment_exit_15(emulator, client, bucket, dirs, tmp_path):
+def test_v2_checkpoint_in_v1_environment_exit_15(emulator, client, bucket, dirs, tmp_path, v2_checkpoint):
     """An AIFS-ENS 2.0 checkpoint (made by the v2 environment) is refused here, naming what it needs."""
-    import subprocess
-
     from worker_helpers import run_worker_subprocess
 
-    v2_python = os.environ.get("AIFS_WORKER_PYTHON_V2") or str(layout_root() / ".venv-v2" / "bin" / "python")
-    path = tmp_path / "tiny-v2.ckpt"
-    subprocess.run([v2_python, "-m", "aifs.testing", "checkpoint", "--arch", "v2", "--grid", "O48", "--out", str(path)],
-                   check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = v2_checkpoint
     upload_bytes(bucket, layout.input_object(DATE, MEMBER), _pickle({"date": None, "fields": {}}))
     code, text = run_worker_subprocess(
         worker_args(bucket=bucket.name, checkpoint=str(path), dirs=dirs, members=str(MEMBER), lead_time=LEAD),
@@ -225,9 +220,3 @@ def test_v2_checkpoint_in_v1_environment_exit_15(emulator, client, bucket, dirs,
     assert failed and "anemoi-models 0.11" in failed[0] and "anemoi-models 0.6" in failed[0], text[-3000:]
     assert forecast_names(client, bucket.name) == [] and manifest_names(client, bucket.name) == []
     assert not _weights_loaded(text)
-
-
-def layout_root():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ go to a scratch file, not memory. The constant fields are built once per date an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,10 +25,24 @@ from aifs.inputs.spec import DTYPE, InputSpec
 LOG = logging.getLogger("aifs.inputs")
 
 
+#: Where a member's CPU goes: HTTP and the scratch file, reading each message's header against its index line,
+#: MIR (its own GRIB decode, the interpolation, the output), scaling and the cast into the float32 state.
+STAGES = ("fetch", "check", "interpolate", "store")
+
+
 @dataclasses.dataclass
 class Timings:
-    fetch: float = 0.0
-    decode_interpolate: float = 0.0
+    fetch: float = 0.0  # wall seconds
+    decode_interpolate: float = 0.0  # wall seconds: check + interpolate + store
+    cpu: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))  # this thread's CPU a stage
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.thread_time() - started
 
 
 @dataclasses.dataclass
@@ -60,16 +75,24 @@ class Builder:
     def _fetch_into(self, groups: list[RequestGroup], level: int, out: Built, tag: str) -> None:
         for n, group in enumerate(groups):
             target = os.path.join(self.scratch, f"{tag}-{level}-{n}.grib2")
-            started = time.perf_counter()
-            fetched: Fetched = self.opendata.fetch(group, target)
+            started, clock = time.perf_counter(), out.timings.stage
+            with clock("fetch"):
+                fetched: Fetched = self.opendata.fetch(group, target)
             out.timings.fetch += time.perf_counter() - started
             started = time.perf_counter()
             try:
-                for message in messages(fetched):
-                    field = self.regrid(message)
-                    for variable in self.plan.variables_of_key((message.param, group.levtype, message.level)):
-                        scale = self.plan.sources[variable].scale
-                        out.put(variable, level, field * scale if scale != 1.0 else field)
+                with contextlib.closing(messages(fetched)) as checked:
+                    while True:
+                        with clock("check"):
+                            message = next(checked, None)
+                        if message is None:
+                            break
+                        with clock("interpolate"):
+                            field = self.regrid(message)
+                        with clock("store"):
+                            for variable in self.plan.variables_of_key((message.param, group.levtype, message.level)):
+                                scale = self.plan.sources[variable].scale
+                                out.put(variable, level, field * scale if scale != 1.0 else field)
             finally:
                 os.remove(target)
             out.timings.decode_interpolate += time.perf_counter() - started

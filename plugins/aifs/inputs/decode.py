@@ -20,6 +20,7 @@ class Message:
     param: str
     level: int | None
     data: bytes  # the whole GRIB message, for MIR
+    missing: bool = False  # the message has a bitmap: some points are missing (waves over land)
 
 
 def messages(fetched: Fetched) -> Iterator[Message]:
@@ -50,6 +51,7 @@ def messages(fetched: Fetched) -> Iterator[Message]:
                     raise fail(f"bytes {offset}+{length} hold member {get('number')}, the index says {line['number']}")
                 if get("gridType") != "regular_ll":
                     raise fail(f"{line['param']}: gridType {get('gridType')}, expected open data's regular_ll")
+                missing = bool(get("bitmapPresent"))
             finally:
                 eccodes.codes_release(handle)
-            yield Message(line["param"], level, data)
+            yield Message(line["param"], level, data, missing)

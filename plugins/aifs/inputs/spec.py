@@ -54,7 +54,8 @@ def read_input_spec(checkpoint: str) -> InputSpec:
     """The checkpoint's input needs (metadata only: no torch, no weights)."""
     from aifs.worker.model import Model
 
-    model = Model(checkpoint, device=None, precision=None, num_chunks=None)  # reads the metadata, loads nothing else
+    # the metadata only, loads nothing else: any generation's checkpoint (its weights need their own environment)
+    model = Model(checkpoint, device=None, precision=None, num_chunks=None, weights=False)
     md, spec = model.metadata, model.spec
     timestep = spec.timestep
     if timestep % dt.timedelta(hours=6):

@@ -12,7 +12,7 @@ end and then that one entry, so from a seekable remote file only those bytes tra
   found when it was opened);
 * a Hugging Face id ``org/repo[:file]`` (as the worker names them, aifs.worker.model): ranged GETs
   of the file's ``resolve`` URL at the revision the deployment pinned (identity ``hf:<commit>``),
-  else ``main``; ``HF_TOKEN`` and ``HF_ENDPOINT`` apply as in huggingface_hub.
+  else ``main``; ``HF_TOKEN`` and ``HF_ENDPOINT`` apply as in huggingface_hub (not needed here).
 
 A path on an ssh/gce/gke backend names a file on the GPU host or in its image, which this side
 cannot read: there the deployment declares the checkpoint's generation (AIFS_ENS_CHECKPOINTS
@@ -94,7 +94,8 @@ def metadata_from_zip(fileobj: Any, ref: str) -> dict[str, Any]:
     """The anemoi metadata JSON of the checkpoint zip open in ``fileobj`` (seekable)."""
     try:
         archive = zipfile.ZipFile(fileobj)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+    # not OSError: a dropped connection while reading is for the task's retries, not a verdict on the file
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise CheckpointUnreadable(f"checkpoint {ref} is not a checkpoint: not a zip archive ({exc})") from None
     with archive:
         for name in METADATA_NAMES:
@@ -222,7 +223,7 @@ class RangedHTTPFile(io.RawIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
         if base + offset < 0:
-            raise ValueError("negative seek position")
+            raise OSError(22, "negative seek position")  # as a real file does (zipfile expects OSError)
         self._pos = base + offset
         return self._pos
 
@@ -282,13 +283,26 @@ def _read_gcs(ref: str, gcp_conn_id: str) -> CheckpointMetadata:
     return CheckpointMetadata(ref, f"{ref} generation {generation} ({size} bytes)", metadata)
 
 
-def _read_hugging_face(ref: str, revision: str, endpoint: str | None) -> CheckpointMetadata:
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+#: Hugging Face's public download URL of a file at a revision (what huggingface_hub.hf_hub_url builds;
+#: written out here because Composer's environment need not have huggingface_hub, while requests
+#: comes with Airflow). HF_ENDPOINT and HF_TOKEN mean what they mean to huggingface_hub.
+HF_RESOLVE_URL = "{endpoint}/{repo}/resolve/{revision}/{filename}"
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 
+
+def hugging_face_url(repo: str, filename: str, revision: str, endpoint: str | None = None) -> str:
+    from urllib.parse import quote
+
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+    return HF_RESOLVE_URL.format(endpoint=endpoint, repo=repo, revision=quote(revision, safe=""), filename=quote(filename))
+
+
+def _read_hugging_face(ref: str, revision: str, endpoint: str | None) -> CheckpointMetadata:
     repo, filename = hugging_face_file(ref)
-    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
-    with RangedHTTPFile(url, build_hf_headers(), name=ref) as f:
+    url = hugging_face_url(repo, filename, revision, endpoint)
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}  # gated or private repositories
+    with RangedHTTPFile(url, headers, name=ref) as f:
         metadata = metadata_from_zip(f, ref)
         size, fetched = f.size, f.fetched
     return CheckpointMetadata(ref, f"{url} ({size} bytes; {fetched} read)", metadata)

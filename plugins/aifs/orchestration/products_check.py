@@ -78,7 +78,9 @@ def check_target(client, target: Mapping[str, Any]) -> tuple[dict[str, Any], lis
             problems.append(f"{date}: {entry['name']} is listed in the products manifest but not in the bucket")
         elif not blob.crc32c:
             problems.append(f"{date}: {entry['name']}: the bucket has no crc32c for it")
-        elif entry.get("crc32c") and blob.crc32c != entry["crc32c"]:
+        elif not entry.get("crc32c"):
+            problems.append(f"{date}: {entry['name']}: the products manifest records no crc32c for it")
+        elif blob.crc32c != entry["crc32c"]:
             problems.append(f"{date}: {entry['name']}: crc32c in the bucket {blob.crc32c} != manifest {entry['crc32c']} (changed or damaged since it was written)")
         elif entry.get("size") is not None and blob.size != entry["size"]:
             problems.append(f"{date}: {entry['name']}: {blob.size} bytes in the bucket, the manifest says {entry['size']}")
@@ -92,7 +94,7 @@ def check_target(client, target: Mapping[str, Any]) -> tuple[dict[str, Any], lis
             raise
         marker = None
     result["submitted"] = marker is not None  # written only after a confirmed submission
-    result["checksums"] = "compared with the manifest's" if objects and all(o.get("crc32c") for o in objects) else "present (the manifest records none)"
+    result["checksums"] = "compared with the manifest's"
 
     report = summary.get("report_object")
     if not report:
@@ -105,12 +107,9 @@ def check_target(client, target: Mapping[str, Any]) -> tuple[dict[str, Any], lis
 
 
 def _listed_objects(manifest: Mapping[str, Any], date: str) -> list[dict[str, Any]]:
-    """The manifest's objects as ``{name, crc32c?, size?}``: its ``objects`` records, else its ``files`` (names)."""
-    from aifs import layout
-
-    if isinstance(manifest.get("objects"), list):
-        return [dict(o) for o in manifest["objects"] if isinstance(o, dict) and o.get("name")]
-    return [{"name": layout.product_object(date, name)} for name in manifest.get("files") or [] if isinstance(name, str)]
+    """The manifest's objects as ``{name, size, crc32c}`` (an entry without a crc32c is a finding)."""
+    objects = manifest.get("objects")
+    return [dict(o) for o in objects if isinstance(o, dict) and o.get("name")] if isinstance(objects, list) else []
 
 
 def _describe_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:

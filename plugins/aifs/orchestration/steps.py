@@ -84,17 +84,47 @@ def resolve_secret_env(secret_env: dict[str, str]) -> dict[str, str]:
     return values
 
 
-def classify_step(step: str, exit_code: int) -> tuple[bool, str]:
-    """(retryable, message) for a failed step's exit code, from aifs.exitcodes."""
+def classify_step(step: str, exit_code: int, said: Sequence[str] = ()) -> tuple[bool, str]:
+    """(retryable, message) for a failed step's exit code, from aifs.exitcodes, with what a person should do
+    (aifs.orchestration.outcomes) and ``said``: the step's own error lines (which name the member, file, variable)."""
     from aifs.exitcodes import ExitCode, describe
+    from aifs.orchestration.outcomes import what_to_do
 
+    its_words = "".join(f"\n  {line}" for line in said)
     try:
         code = ExitCode(exit_code)
     except ValueError:  # a crash or a signal: worth another try
-        return True, f"step {step} failed: {describe(exit_code)}; will retry"
+        return True, f"step {step} failed: {describe(exit_code)}; will retry{its_words}"
+    advice = what_to_do(code)
     if code.retryable:
-        return True, f"step {step} failed: {code.describe} (exit {exit_code}, {code.name}); will retry"
-    return False, f"step {step} failed: {code.describe} (exit {exit_code}, {code.name}); not retried: fix the cause, then clear this task"
+        unless = f" (if it keeps failing: {advice})" if advice else ""
+        return True, f"step {step} failed: {code.describe} (exit {exit_code}, {code.name}); will retry{unless}{its_words}"
+    return False, (f"step {step} failed: {code.describe} (exit {exit_code}, {code.name}); not retried: "
+                   f"{advice or 'fix the cause'}, then clear this task{its_words}")
+
+
+#: A step's output line that reports an error (the aifs commands log ``... ERROR [FAILED] member 002: ...``).
+_ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL)\b")
+#: How many of a step's last error lines its failure message quotes.
+ERROR_LINES_KEPT = 5
+#: ... and of each line, at most this much (an alert is no place for a whole listing).
+ERROR_LINE_CHARS = 2000
+
+
+class _ErrorLines:
+    """Passes a step's output lines on to its log and keeps the last few error lines for the failure message."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self._log = log
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self._log(line)
+        if _ERROR_LINE.search(line):
+            from airflow.sdk.log import redact
+
+            # the message goes into alerts too, which Airflow's log masking does not cover: mask the step's secrets here
+            self.lines = [*self.lines, str(redact(line.strip()[:ERROR_LINE_CHARS]))][-ERROR_LINES_KEPT:]
 
 
 def deployment_backend(config: dict[str, Any]):
@@ -164,8 +194,9 @@ class RunStepOperator(BaseOperator):
                  backend.name, f"; deadline {timeout_s / 60:.0f} min from launch" if timeout_s else "")
         self._running = (backend, run)
         started = time.monotonic()
+        output = _ErrorLines(step_log.info)
         try:
-            code = backend.run_step(run, self.step, self.module, args, env, step_log.info, timeout_s=timeout_s)
+            code = backend.run_step(run, self.step, self.module, args, env, output, timeout_s=timeout_s)
         except (StepTimeout, MemberTimeout) as exc:  # the host stopped it at its deadline: a retry starts afresh
             raise StepFailed(f"step {self.step}: {exc}") from None
         finally:
@@ -174,7 +205,7 @@ class RunStepOperator(BaseOperator):
         if code == 0:
             log.info("step %s done in %.1f minutes", self.step, minutes)
             return {"step": self.step, "exit_code": 0, "minutes": round(minutes, 2)}
-        retryable, message = classify_step(self.step, code)
+        retryable, message = classify_step(self.step, code, output.lines)
         if retryable:
             raise StepFailed(message)
         raise AirflowFailException(message)

@@ -37,12 +37,17 @@ class Options:
     workers: int = 2
 
 
-def _upload(bucket, name: str, path: str) -> None:
+def _upload(bucket, name: str, path: str) -> dict:
+    """Upload one product; returns ``{name, size, crc32c}`` as the bucket computed them (for the manifest)."""
+    blob = bucket.blob(name)
     try:
-        bucket.blob(name).upload_from_filename(path, content_type=_CONTENT_TYPES.get(os.path.splitext(path)[1]),
-                                               checksum="crc32c")
+        blob.upload_from_filename(path, content_type=_CONTENT_TYPES.get(os.path.splitext(path)[1]), checksum="crc32c")
     except Exception as exc:
         raise ProductsUploadFailed(f"upload of gs://{bucket.name}/{name} failed: {exc}") from None
+    if not blob.crc32c or blob.size != os.path.getsize(path):
+        raise ProductsUploadFailed(f"upload of gs://{bucket.name}/{name}: the bucket reports {blob.size} bytes, "
+                                   f"crc32c {blob.crc32c!r} for a {os.path.getsize(path)}-byte file")
+    return {"name": name, "size": blob.size, "crc32c": blob.crc32c}
 
 
 def _read_members(bucket, opts: Options, selection) -> list[ensemble.MemberProducts]:
@@ -74,7 +79,9 @@ def make(bucket, opts: Options) -> tuple[dict, int]:
     summary = {
         "date": date, "bucket": bucket.name, "members_selected": opts.members, "members_used": selection.used,
         "members_excluded": {str(m): w for m, w in selection.excluded.items()}, "partial": selection.partial,
-        "team": opts.team, "model": opts.model, "files": [], "submission": "not requested",
+        "team": opts.team, "model": opts.model, "files": [],
+        # what was asked; the submission marker (written only after a confirmed submission) says what happened
+        "submission": "requested (see the submission marker)" if opts.submit else "not requested",
         "report": f"gs://{bucket.name}/{layout.products_report_object(date)}",
     }
     marker = submission.read_marker(bucket, date)
@@ -128,8 +135,8 @@ def make(bucket, opts: Options) -> tuple[dict, int]:
         with open(page, "w") as f:
             f.write(report.render(summary, maps, plumes, (caption, "run_durations.png"), sorted(n for n in local if n.endswith(".nc"))))
         local["report.html"] = page
-        for name, path in sorted(local.items()):
-            _upload(bucket, layout.product_object(date, name), path)
+        # the manifest records what the bucket holds, so a later check compares, not just finds
+        summary["objects"] = [_upload(bucket, layout.product_object(date, name), path) for name, path in sorted(local.items())]
         manifest_path = os.path.join(workdir, "products_manifest.json")
         with open(manifest_path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -99,8 +99,8 @@ def submit(files: dict[tuple[str, int], str], date: str, team: str, model: str) 
                     raise SubmissionFailed(f"submission of {name} failed: {type(exc).__name__}: {exc}") from None
                 finally:
                     log.debug("package output for %s: %s", name, chatter.getvalue().strip().replace("\n", "; "))
-                log.info("submitted %s", name)
                 sent.append(name)
+                log.info("[PRODUCTS] submitted %s and confirmed by the competition (%d/%d)", name, len(sent), len(files))
         finally:
             os.chdir(cwd)
     return sent

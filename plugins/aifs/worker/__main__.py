@@ -52,6 +52,14 @@ def run(opts: WorkerOptions) -> list[MemberResult]:
         return loaded[0]
 
     results: list[MemberResult] = []
+    try:
+        # the checkpoint's metadata before any member: a checkpoint this environment cannot load
+        # (another generation's, aifs.generations) or cannot read fails every member with exit 15
+        # before a download, not after the first member's input was fetched (or found missing)
+        get_model()
+    except CheckpointFailed as exc:
+        LOG.error("[FAILED] %s", exc)
+        return [MemberResult(m, "failed", ExitCode.CHECKPOINT_FAILED, error=str(exc)) for m in opts.members]
     started = time.perf_counter()
     for position, member in enumerate(opts.members, start=1):
         LOG.info("[MEMBER] %03d (%d of %d) for %s", member, position, len(opts.members), opts.date)

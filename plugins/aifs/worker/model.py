@@ -88,7 +88,10 @@ class ModelSpec:
 class Model:
     """One checkpoint: its metadata at once, its weights on first use; one model load, many members."""
 
-    def __init__(self, checkpoint: str, device: str | None, precision: str | None, num_chunks: int | None):
+    def __init__(self, checkpoint: str, device: str | None, precision: str | None, num_chunks: int | None,
+                 *, weights: bool = True):
+        """``weights=False``: only the metadata will be used (the inputs step, GRIB writer processes), so a
+        checkpoint of another generation than this environment's is fine; otherwise it is refused here."""
         if num_chunks:
             # read by anemoi-models at import time: must be set before the checkpoint is unpickled
             os.environ["ANEMOI_INFERENCE_NUM_CHUNKS"] = str(num_chunks)
@@ -103,7 +106,9 @@ class Model:
             self._checkpoint = Checkpoint(source)
             (self.metadata,) = self._checkpoint.multi_dataset_metadata.values()
             self.raw_metadata = _raw_metadata(self.metadata)
-            check_generation(self.raw_metadata, checkpoint)
+            if weights:
+                check_generation(self.raw_metadata, checkpoint)
+            self._weights_allowed = weights
             self.spec = self._spec()
         except CheckpointFailed:
             raise
@@ -124,6 +129,8 @@ class Model:
         """Build the runner and load the weights, once; CheckpointFailed if they cannot be loaded."""
         if self._runner is not None:
             return
+        if not self._weights_allowed:
+            raise CheckpointFailed(f"{self.checkpoint_name} was opened for its metadata only (weights=False)")
         started = time.perf_counter()
         try:
             import torch

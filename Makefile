@@ -10,7 +10,7 @@ V2_PY := $(V2_VENV)/bin/python
 AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 
-.PHONY: all env test test-worker test-airflow demo bench clean
+.PHONY: all env test test-worker test-airflow demo bench bench-inputs bench-products clean
 
 all: env
 
@@ -58,7 +58,7 @@ demo: env
 bench: $(WORKER_VENV)/.built $(V2_VENV)/.built
 	$(WORKER_PY) bench/member_cycle.py --matrix
 	$(V2_PY) bench/member_cycle.py --generation v2 --lead-time 72 --modes writers,in-process
-	$(MAKE) bench-inputs
+	$(MAKE) bench-inputs bench-products
 
 # issue 14: 2 members' inputs, 0.25 deg open data -> N320, CPU per member and its breakdown (~1 min on 2 cores)
 bench-inputs: $(WORKER_VENV)/.built

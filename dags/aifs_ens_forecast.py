@@ -2,9 +2,17 @@
 
     check_params -> plan -> wait_for_inputs    -> create_host -> run_member x N -> delete_host -> verify
                          -> choose_environment     (setup)     (one at a time)   (teardown)
+                 -> other_dates -> forecast_other_dates x K   (inputs events for other dates: a run each)
 
 * **check_params** fails the run before any host exists when a param is wrong or the conf names
   a deployment setting (backend, host settings, connections: an admin's, not a trigger's), saying why.
+  A run started by aifs_ens_inputs events (AIFS_ENS_FORECAST_TRIGGER inputs, inputs_or_time) forecasts
+  the latest event's date, members, bucket and checkpoint (aifs.orchestration.inputs_asset).
+* **other_dates**, **forecast_other_dates**: Airflow makes one run from all the inputs events queued
+  since the last (a backfilled or cleared aifs_ens_inputs, or a forecast that overran): every other
+  distinct (date, bucket, members, checkpoint) among them gets a forecast run of its own, triggered
+  here with those params as its conf (its check_params checks them). Skipped when there are none;
+  off the host's path (nothing waits for it), and a failure alerts and fails the run, not its members.
 * **wait_for_inputs** waits (deferred, off any worker slot) for the planned members' input pickles
   only: a finished date whose inputs are gone reruns to its verify at once.
 * **plan** picks the members not complete for this run (aifs.completeness: a manifest matching the
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import logging
 
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, setup, task, teardown
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -48,7 +57,7 @@ from aifs.members import format_members, member_label
 from aifs.orchestration.alerts import FINDINGS_KEY, run_failure_alert, task_failure_alert
 from aifs.orchestration.assets import FORECASTS  # emitted by verify: where the forecasts are (consumers: aifs_ens_products)
 from aifs.orchestration.deployment import DeploymentSettings
-from aifs.orchestration.inputs_asset import forecast_schedule, inputs_event_params
+from aifs.orchestration.inputs_asset import BadInputsEvent, forecast_schedule, inputs_event_params, other_date_runs
 from aifs.orchestration.member_task import MemberFailed, task_timeout  # noqa: F401 - MemberFailed: tests and alerts name it
 from aifs.orchestration.params import DAG_ID, BadParams, resolve_run_config
 from aifs.orchestration.retrying import DELETE_HOST_RETRIES, STORAGE_TASK_RETRIES
@@ -128,7 +137,7 @@ def aifs_ens_forecast():
                 logical_date=dag_run.logical_date,
                 run_after=dag_run.run_after,
             )
-        except BadParams as exc:
+        except (BadParams, BadInputsEvent) as exc:
             raise AirflowFailException(f"{exc}\nNo host was created. Fix the params and trigger the run again.") from None
         log.info("forecast date %s, members %s, backend %s, bucket %s", config["date"], config["members_text"], config["backend"], config["bucket"])
         return config
@@ -270,7 +279,29 @@ def aifs_ens_forecast():
         log.info("all %d members verified (%d objects); asset event %s", len(config["members"]), len(report.objects), extra)
         return extra
 
+    # not on the host's path; all_done: a refused date of this run's own still leaves the others theirs
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def other_dates() -> list[dict]:
+        """One forecast_other_dates entry (conf, run id) a date this run's inputs events name besides its own."""
+        runs = other_date_runs(get_current_context())
+        for run in runs:
+            log.info("another date's inputs: run %s forecasts %s", run["trigger_run_id"], run["conf"])
+        return runs
+
     config = check_params()
+    others = other_dates()
+    config >> others
+    # each other date gets its own run (this DAG, no logical date: its conf names the date); queued
+    # behind this run by max_active_runs. A retry or clear finds the runs it made (same run ids).
+    TriggerDagRunOperator.partial(
+        task_id="forecast_other_dates",
+        trigger_dag_id=DAG_ID,
+        logical_date=None,
+        wait_for_completion=False,
+        skip_when_already_exists=True,
+        openlineage_inject_parent_info=False,  # the conf is exactly the event's params: check_params refuses other keys
+        map_index_template="{{ task.conf.date }}",
+    ).expand_kwargs(others)
     planned = plan(config)
     # only the planned members' inputs: a finished member needs none (its inputs may be long gone)
     wait_for_inputs = WaitForInputsSensor(task_id="wait_for_inputs", config=config, members=planned)

@@ -23,19 +23,12 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-: "${AIFS_WORKER_PYTHON:?set AIFS_WORKER_PYTHON to the worker environment python (make demo does)}"
-: "${AIRFLOW_PYTHON:?set AIRFLOW_PYTHON to the Airflow environment python (make demo does)}"
 DEMO="$REPO/.demo"
+# settings, the deployment's variables and helpers shared with include/demo_products.sh
+# shellcheck source=include/demo_lib.sh
+source "$REPO/include/demo_lib.sh"
 LEAD_TIME="${DEMO_LEAD_TIME:-792}"
-MEMBERS="${DEMO_MEMBERS:-1-3}"
-DATE="${DEMO_DATE:-20250601_0000}"
-PORT="${DEMO_PORT:-9023}"
 MIRROR_PORT="${DEMO_MIRROR_PORT:-9024}"
-BUCKET="aifs-demo"
-LOGICAL_DATE="${DATE:0:4}-${DATE:4:2}-${DATE:6:2}T${DATE:9:2}:${DATE:11:2}:00+00:00"
-AIRFLOW_BIN="$(dirname "$AIRFLOW_PYTHON")/airflow"
-
-say() { printf '\n==> %s\n' "$*"; }
 
 demo_started=$(date +%s)
 # A fresh start every time: Airflow home, bucket contents and scratch (the checkpoint is rebuilt too,
@@ -43,39 +36,18 @@ demo_started=$(date +%s)
 rm -rf "$DEMO"
 mkdir -p "$DEMO/gcs" "$DEMO/scratch"
 
-export PYTHONPATH="$REPO/plugins${PYTHONPATH:+:$PYTHONPATH}"
-export STORAGE_EMULATOR_HOST="http://127.0.0.1:$PORT"
-export AIRFLOW_HOME="$DEMO/airflow"
-export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$DEMO/airflow/airflow.db"
-export AIRFLOW__CORE__DAGS_FOLDER="$REPO/dags"
-export AIRFLOW__CORE__PLUGINS_FOLDER="$REPO/plugins"
-export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIFS_WORKER_PYTHON AIFS_ENS_SCHEDULE=none
-# The deployment (an admin's settings, not the trigger's): the local backend on CPU with the demo's
-# scratch dir, and the one bucket and checkpoint a trigger may choose.
-export AIFS_ENS_BACKEND=local
-export AIFS_ENS_HOST="{\"scratch_dir\": \"$DEMO/scratch\", \"device\": \"cpu\", \"min_free_gb\": 0}"
-export AIFS_ENS_BUCKETS="$BUCKET"
-export AIFS_ENS_CHECKPOINTS="{\"$DEMO/tiny-o48.ckpt\": {\"identity\": null}}"
-# where aifs_ens_inputs reads open data: the local mirror started below (in production: google, aws, ...)
+# The deployment beyond demo_lib.sh's. Where aifs_ens_inputs reads open data: the local mirror
+# started below (in production: google, aws, ...)
 export AIFS_ENS_OPENDATA_SOURCE="http://127.0.0.1:$MIRROR_PORT"
 # a failed try is retried after seconds, not the production's 2 minutes (doubling): a demo that fails says so soon
 export AIFS_ENS_RETRY_DELAY_S="${DEMO_RETRY_DELAY_S:-5}"
 
 say "starting the GCS emulator on $STORAGE_EMULATOR_HOST"
-answers() { "$AIFS_WORKER_PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/storage/v1/b?project=demo', timeout=1)" "$STORAGE_EMULATOR_HOST" 2>/dev/null; }
 if answers; then echo "something already answers on port $PORT: stop it or set DEMO_PORT"; exit 1; fi
-# The emulator program itself (not a wrapper), so that the trap's kill really stops it.
-"$(dirname "$AIFS_WORKER_PYTHON")/gcp-storage-emulator" -d "$DEMO/gcs" start --host=127.0.0.1 --port="$PORT" --quiet \
-  >"$DEMO/emulator.log" 2>&1 &
-EMULATOR_PID=$!
+EMULATOR_PID=""
 MIRROR_PID=""
 trap 'kill $EMULATOR_PID $MIRROR_PID 2>/dev/null || true; wait $EMULATOR_PID $MIRROR_PID 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  answers && break
-  kill -0 $EMULATOR_PID 2>/dev/null || { cat "$DEMO/emulator.log"; exit 1; }
-  sleep 0.3
-done
+start_emulator "$DEMO/emulator.log"
 
 # the deployment's bucket exists before any run, as in production (aifs.inputs writes into it, never creates it)
 "$AIRFLOW_PYTHON" -c "import sys; from aifs.orchestration.storage import storage_client; c = storage_client(); c.lookup_bucket(sys.argv[1]) or c.create_bucket(sys.argv[1])" "$BUCKET"
@@ -101,13 +73,9 @@ mirror_answers || { echo "the open-data mirror did not publish $DATE: see $DEMO/
 INPUTS_CONF="{\"members\": \"$MEMBERS\", \"bucket\": \"$BUCKET\", \"checkpoint\": \"$DEMO/tiny-o48.ckpt\", \"publish_wait_minutes\": 2, \"publish_poke_seconds\": 2}"
 say "airflow dags test aifs_ens_inputs $LOGICAL_DATE  (open data -> input states; full log: $DEMO/inputs-test.log)"
 inputs_started=$(date +%s)
-set +e
-"$AIRFLOW_BIN" dags test aifs_ens_inputs "$LOGICAL_DATE" --conf "$INPUTS_CONF" >"$DEMO/inputs-test.log" 2>&1
-set -e
-INPUTS_STATE=$("$AIRFLOW_BIN" dags state aifs_ens_inputs "$LOGICAL_DATE" 2>/dev/null | tail -1)
-INPUTS_STATE="${INPUTS_STATE%%,*}"
-grep -E "DAG TEST\] (starting|end) task" "$DEMO/inputs-test.log" \
-  | sed -E 's/^[^ ]+ \[[a-z ]+\] //; s/ \[[A-Za-z0-9_.]+\] loc=.*$//' || true
+run_dag aifs_ens_inputs "$INPUTS_CONF" "$DEMO/inputs-test.log"
+INPUTS_STATE="$DAG_STATE"
+task_lines "DAG TEST\] (starting|end) task" "$DEMO/inputs-test.log"
 echo "inputs run state: $INPUTS_STATE (airflow dags test took $(( $(date +%s) - inputs_started )) s)"
 [ "$INPUTS_STATE" = "success" ] || { echo "the inputs run did not succeed: see $DEMO/inputs-test.log"; exit 1; }
 
@@ -137,13 +105,9 @@ EOF
 )
 say "airflow dags test aifs_ens_forecast $LOGICAL_DATE  (lead time ${LEAD_TIME} h; full log: $DEMO/dags-test.log)"
 started=$(date +%s)
-set +e
-"$AIRFLOW_BIN" dags test aifs_ens_forecast "$LOGICAL_DATE" --conf "$CONF" >"$DEMO/dags-test.log" 2>&1
-set -e
-# `airflow dags test` exits 0 even when the run failed: ask Airflow for the run's state.
-STATE=$("$AIRFLOW_BIN" dags state aifs_ens_forecast "$LOGICAL_DATE" 2>/dev/null | tail -1)
-grep -E "\[(START|MEMBER|WINDOW|MANIFEST|CLEANUP)\]|DAG TEST\] (starting|end) task" "$DEMO/dags-test.log" \
-  | sed -E 's/^[^ ]+ \[[a-z ]+\] //; s/ \[[A-Za-z0-9_.]+\] loc=.*$//' || true
+run_dag aifs_ens_forecast "$CONF" "$DEMO/dags-test.log"
+STATE="$DAG_STATE"
+task_lines "\[(START|MEMBER|WINDOW|MANIFEST|CLEANUP)\]|DAG TEST\] (starting|end) task" "$DEMO/dags-test.log"
 
 say "run summary (logged by the verify task)"
 sed -n '/AIFS-ENS run summary for/,/^members: /p' "$DEMO/dags-test.log" | sed -E 's/^.*(AIFS-ENS run summary)/\1/; s/ \[[A-Za-z0-9_.]+\] loc=.*$//'
@@ -164,7 +128,6 @@ for blob in client.list_blobs(bucket, prefix=layout.manifest_prefix(date)):
     print(f"              manifest gs://{bucket}/{blob.name}")
 EOF
 
-STATE="${STATE%%,*}"
 echo
 echo "run state: $STATE (airflow dags test took $(( $(date +%s) - started )) s)"
 [ "$STATE" = "success" ] || { echo "the run did not succeed: see $DEMO/dags-test.log"; exit 1; }

@@ -14,56 +14,29 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-: "${AIFS_WORKER_PYTHON:?set AIFS_WORKER_PYTHON to the worker environment python (make demo does)}"
-: "${AIRFLOW_PYTHON:?set AIRFLOW_PYTHON to the Airflow environment python (make demo does)}"
 DEMO="${DEMO_DIR:-$REPO/.demo}"
-MEMBERS="${DEMO_MEMBERS:-1-3}"
-DATE="${DEMO_DATE:-20250601_0000}"
-PORT="${DEMO_PORT:-9023}"
-BUCKET="aifs-demo"
-LOGICAL_DATE="${DATE:0:4}-${DATE:4:2}-${DATE:6:2}T${DATE:9:2}:${DATE:11:2}:00+00:00"
-AIRFLOW_BIN="$(dirname "$AIRFLOW_PYTHON")/airflow"
-
-say() { printf '\n==> %s\n' "$*"; }
+# settings, the deployment's variables and helpers shared with include/demo.sh
+# shellcheck source=include/demo_lib.sh
+source "$REPO/include/demo_lib.sh"
 
 [ -d "$DEMO/gcs" ] || { echo "no demo bucket in $DEMO/gcs: run include/demo.sh (make demo) first"; exit 1; }
 
-export PYTHONPATH="$REPO/plugins${PYTHONPATH:+:$PYTHONPATH}"
-export STORAGE_EMULATOR_HOST="http://127.0.0.1:$PORT"
-export AIRFLOW_HOME="$DEMO/airflow"
-export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$DEMO/airflow/airflow.db"
-export AIRFLOW__CORE__DAGS_FOLDER="$REPO/dags"
-export AIRFLOW__CORE__PLUGINS_FOLDER="$REPO/plugins"
-export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIFS_WORKER_PYTHON AIFS_ENS_SCHEDULE=none
-# The deployment, as in demo.sh, plus the products' settings (an admin's, never a trigger's).
-export AIFS_ENS_BACKEND=local
-export AIFS_ENS_HOST="{\"scratch_dir\": \"$DEMO/scratch\", \"device\": \"cpu\", \"min_free_gb\": 0}"
-export AIFS_ENS_BUCKETS="$BUCKET"
-export AIFS_ENS_CHECKPOINTS="{\"$DEMO/tiny-o48.ckpt\": {\"identity\": null}}"
+# The deployment beyond demo_lib.sh's: the products' settings (an admin's, never a trigger's).
 export AIFS_ENS_CLIMATOLOGY="$DEMO/climatology"   # a directory of the competition-format files
 export AIFS_ENS_AIWQ_TEAM="${DEMO_TEAM:-demoteam}" AIFS_ENS_AIWQ_MODEL="${DEMO_MODEL:-tinyaifs}"
 export AIFS_ENS_SUBMIT="${DEMO_SUBMIT:-false}"
 
-answers() { "$AIFS_WORKER_PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/storage/v1/b?project=demo', timeout=1)" "$STORAGE_EMULATOR_HOST" 2>/dev/null; }
 EMULATOR_PID=""
-if answers; then
-  say "using the demo's GCS emulator on $STORAGE_EMULATOR_HOST"
-else
-  say "restarting the demo's GCS emulator on $STORAGE_EMULATOR_HOST (objects in $DEMO/gcs)"
-  "$(dirname "$AIFS_WORKER_PYTHON")/gcp-storage-emulator" -d "$DEMO/gcs" start --host=127.0.0.1 --port="$PORT" --quiet \
-    >"$DEMO/emulator-products.log" 2>&1 &
-  EMULATOR_PID=$!
-  for _ in $(seq 100); do
-    answers && break
-    kill -0 $EMULATOR_PID 2>/dev/null || { cat "$DEMO/emulator-products.log"; exit 1; }
-    sleep 0.3
-  done
-fi
 cleanup() {
   [ -z "$EMULATOR_PID" ] || { kill "$EMULATOR_PID" 2>/dev/null || true; wait "$EMULATOR_PID" 2>/dev/null || true; }
 }
 trap cleanup EXIT
+if answers; then
+  say "using the demo's GCS emulator on $STORAGE_EMULATOR_HOST"
+else
+  say "restarting the demo's GCS emulator on $STORAGE_EMULATOR_HOST (objects in $DEMO/gcs)"
+  start_emulator "$DEMO/emulator-products.log"
+fi
 
 say "generating a 20-year climatology for the tiny model's grid ($AIFS_ENS_CLIMATOLOGY)"
 "$AIFS_WORKER_PYTHON" -m aifs.testing climatology --date "$DATE" --out "$AIFS_ENS_CLIMATOLOGY" >/dev/null
@@ -74,13 +47,9 @@ say "generating a 20-year climatology for the tiny model's grid ($AIFS_ENS_CLIMA
 CONF="{\"date\": \"$DATE\", \"bucket\": \"$BUCKET\", \"members\": \"$MEMBERS\"}"
 say "airflow dags test aifs_ens_products $LOGICAL_DATE --conf '$CONF'  (full log: $DEMO/dags-test-products.log)"
 started=$(date +%s)
-set +e
-"$AIRFLOW_BIN" dags test aifs_ens_products "$LOGICAL_DATE" --conf "$CONF" >"$DEMO/dags-test-products.log" 2>&1
-set -e
-STATE=$("$AIRFLOW_BIN" dags state aifs_ens_products "$LOGICAL_DATE" 2>/dev/null | tail -1)
-STATE="${STATE%%,*}"
-grep -E "\[PRODUCTS\]|DAG TEST\] (starting|end) task" "$DEMO/dags-test-products.log" \
-  | sed -E 's/^[^ ]+ \[[a-z ]+\] //; s/ \[[A-Za-z0-9_.]+\] loc=.*$//' | tail -40 || true
+run_dag aifs_ens_products "$CONF" "$DEMO/dags-test-products.log"
+STATE="$DAG_STATE"
+task_lines "\[PRODUCTS\]|DAG TEST\] (starting|end) task" "$DEMO/dags-test-products.log" | tail -40
 
 say "products summary (logged by check_products)"
 sed -n '/AIFS-ENS products for/,/open in a browser: /p' "$DEMO/dags-test-products.log" \

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Iterable
 
 SCHEMA_VERSION = 2
 #: Schemas this reader accepts; older ones read with the newer fields empty (never complete).
@@ -62,3 +62,17 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(o.size for o in self.objects)
+
+
+def installed_versions(dists: Iterable[str]) -> dict[str, str]:
+    """``{distribution: version}`` of those of ``dists`` installed here: the software a manifest records
+    as having written its objects (this completion manifest's ``versions``, the input manifest's ``software``)."""
+    from importlib import metadata
+
+    versions = {}
+    for dist in dists:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -89,7 +89,8 @@ def test_tasks_in_order(dag):
         return dag.get_task(task_id).downstream_task_ids
 
     assert set(dag.task_ids) == {
-        "check_params", "wait_for_inputs", "plan", "choose_environment", "create_host", "run_member", "delete_host", "verify"
+        "check_params", "wait_for_inputs", "plan", "choose_environment", "create_host", "run_member", "delete_host", "verify",
+        "other_dates", "forecast_other_dates",
     }
     assert "plan" in downstream("check_params")
     assert "wait_for_inputs" in downstream("plan")  # plan first: the wait covers only planned members
@@ -102,6 +103,28 @@ def test_tasks_in_order(dag):
     assert "delete_host" in downstream("run_member")
     assert downstream("delete_host") == {"verify"}
     assert downstream("verify") == set()
+
+
+def test_other_dates_get_runs_of_their_own_off_the_hosts_path(dag):
+    """Inputs events for other dates (one asset-triggered run takes all queued): each gets its own run of this DAG."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    from aifs.orchestration.alerts import task_failure_alert
+
+    others, trigger = dag.get_task("other_dates"), dag.get_task("forecast_other_dates")
+    assert "other_dates" in dag.get_task("check_params").downstream_task_ids
+    assert others.trigger_rule == "all_done"  # this run's own date refused: the other dates are still forecast
+    assert others.downstream_task_ids == {"forecast_other_dates"}
+    assert isinstance(trigger, MappedOperator) and issubclass(trigger.operator_class, TriggerDagRunOperator)
+    kwargs = trigger.partial_kwargs
+    assert (kwargs["trigger_dag_id"], kwargs["logical_date"], kwargs["wait_for_completion"]) == (dag.dag_id, None, False)
+    assert kwargs["skip_when_already_exists"]  # a retry or clear finds the runs it made
+    assert trigger.downstream_task_ids == set()  # nothing on the host's path waits for it
+    upstream_of_host = dag.get_task("create_host").get_flat_relative_ids(upstream=True)
+    assert not {"other_dates", "forecast_other_dates"} & upstream_of_host
+    callbacks = trigger.on_failure_callback
+    assert task_failure_alert in (callbacks if isinstance(callbacks, list) else [callbacks])
 
 
 def test_host_setup_and_teardown_pair_around_members(dag):

@@ -31,7 +31,7 @@ def _has(module: str) -> bool:
 if not all(_has(m) for m in ("torch", "anemoi.inference", "earthkit.data", "google.cloud.storage")):  # pragma: no cover
     collect_ignore_glob = ["*"]
 
-from worker_helpers import Dirs, Spec  # noqa: E402
+from worker_helpers import Dirs, Spec, client, emulator, kept_root_logging  # noqa: E402,F401  (client, emulator: fixtures)
 
 HERE = Path(__file__).parent
 
@@ -77,24 +77,6 @@ def spec(checkpoint) -> Spec:
     return Spec(checkpoint)
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    """One in-memory gcp-storage-emulator process per test module; each test gets its own bucket."""
-    from aifs.testing.emulator import StorageEmulator
-
-    log = tmp_path_factory.mktemp("emulator") / "emulator.log"
-    emu = StorageEmulator(log_path=str(log)).start()
-    yield emu
-    emu.stop()
-
-
-@pytest.fixture
-def client(emulator):
-    from aifs.testing.emulator import anonymous_client
-
-    return anonymous_client(emulator.url)
-
-
 @pytest.fixture
 def bucket(client):
     """A fresh, empty bucket on the module's emulator."""
@@ -128,23 +110,11 @@ def call_main(capsys, caplog):
 
     def _run(argv: list[str]) -> tuple[int, str]:
         caplog.clear()
-        root = logging.getLogger()
-        saved = list(root.handlers), root.level
-        try:
-            with caplog.at_level(logging.INFO):
-                try:
-                    code = main(argv)
-                except SystemExit as exc:  # argparse errors
-                    code = exc.code
-        finally:
-            # main() reconfigures root logging (basicConfig(force=True)); give pytest its handlers back
-            for handler in list(root.handlers):
-                if handler not in saved[0]:
-                    root.removeHandler(handler)
-            for handler in saved[0]:
-                if handler not in root.handlers:
-                    root.addHandler(handler)
-            root.setLevel(saved[1])
+        with kept_root_logging(), caplog.at_level(logging.INFO):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse errors
+                code = exc.code
         out, err = capsys.readouterr()
         return code, "\n".join([out, err, caplog.text])
 

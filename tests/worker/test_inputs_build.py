@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
-import signal
 import subprocess
 import sys
 import types
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from worker_helpers import Dirs, Spec, run_worker_subprocess, subprocess_env, worker_args
+from worker_helpers import Dirs, Spec, kept_root_logging, run_worker_subprocess, subprocess_env, worker_args
 
 from aifs import layout
 
@@ -33,21 +31,9 @@ def run_inputs(argv: list[str]):
     """In-process ``python -m aifs.inputs ARGV``: (exit code, output, the final JSON summary line)."""
     from aifs.inputs.__main__ import main
 
-    root = logging.getLogger()
-    saved = list(root.handlers), root.level, signal.getsignal(signal.SIGTERM)
     buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            code = main(argv)
-    finally:
-        for handler in list(root.handlers):
-            if handler not in saved[0]:
-                root.removeHandler(handler)
-        for handler in saved[0]:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(saved[1])
-        signal.signal(signal.SIGTERM, saved[2])
+    with kept_root_logging(), contextlib.redirect_stdout(buffer):
+        code = main(argv)
     out = buffer.getvalue()
     return code, out, json.loads(out.strip().splitlines()[-1])
 

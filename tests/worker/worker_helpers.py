@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import aifs
 
@@ -138,3 +143,43 @@ def expected_forecast_objects(member: int, lead_time: int, date: str = DATE) -> 
 
 def tagged(text: str, tag: str) -> list[str]:
     return [line for line in text.splitlines() if tag in line]
+
+
+@contextlib.contextmanager
+def kept_root_logging():
+    """Around an in-process ``main()`` of aifs.worker or aifs.inputs: both reconfigure root logging
+    (basicConfig(force=True)) and install a SIGTERM handler; afterwards pytest gets its handlers,
+    level and SIGTERM handler back."""
+    root = logging.getLogger()
+    handlers, level, sigterm = list(root.handlers), root.level, signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+# Fixtures the worker tests of both environments (tests/worker, tests/worker_v2) share: their
+# conftest.py imports them by name.
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """One in-memory gcp-storage-emulator process per test module; each test gets its own bucket."""
+    from aifs.testing.emulator import StorageEmulator
+
+    emu = StorageEmulator(log_path=str(tmp_path_factory.mktemp("emulator") / "emulator.log")).start()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+def client(emulator):
+    from aifs.testing.emulator import anonymous_client
+
+    return anonymous_client(emulator.url)

@@ -39,6 +39,7 @@ if not _v2_environment():  # pragma: no cover - the v1 or Airflow environment
     collect_ignore_glob = ["*"]
 else:
     sys.path.insert(0, str(REPO / "tests" / "worker"))  # worker_helpers, shared with the v1 tests
+    from worker_helpers import client, emulator  # noqa: F401  fixtures shared with the v1 tests
 
 
 def pytest_collection_modifyitems(items):
@@ -67,22 +68,6 @@ def v1_checkpoint(tmp_path_factory) -> str:
     subprocess.run([v1_python(), "-m", "aifs.testing", "checkpoint", "--grid", "O48", "--out", str(path)],
                    check=True, timeout=300, stdout=subprocess.DEVNULL)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    from aifs.testing.emulator import StorageEmulator
-
-    emu = StorageEmulator(log_path=str(tmp_path_factory.mktemp("emulator") / "emulator.log")).start()
-    yield emu
-    emu.stop()
-
-
-@pytest.fixture
-def client(emulator):
-    from aifs.testing.emulator import anonymous_client
-
-    return anonymous_client(emulator.url)
 
 
 @pytest.fixture

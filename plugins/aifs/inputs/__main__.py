@@ -12,22 +12,19 @@ import pyproj  # noqa: F401  isort: skip
 import json
 import logging
 import os
-import signal
 import sys
 import time
 
+from aifs.commandline import configure_logging, parse_or_exit_code, unwind_on_sigterm
 from aifs.exitcodes import ExitCode
-from aifs.inputs.cli import InputsOptions, UsageError, parse_args
+from aifs.inputs.cli import InputsOptions, parse_args
 from aifs.members import format_members
 
 LOG = logging.getLogger("aifs.inputs")
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stdout, force=True)
-    for noisy in ("anemoi", "earthkit", "urllib3", "google", "multiurl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(("anemoi", "earthkit", "urllib3", "google", "multiurl"))
     logging.getLogger("ecmwf.opendata").setLevel(logging.ERROR)  # its scda/oper notice, once per thread: the layout handles it
     os.environ.setdefault("TQDM_DISABLE", "1")  # multiurl's per-file progress bars: the member logs say more
 
@@ -51,21 +48,12 @@ def summarize(opts: InputsOptions, results, seconds: float) -> int:
     return int(code)
 
 
-def _terminate(signum, frame) -> None:
-    LOG.error("[TERMINATED] signal %d: stopping; members not uploaded are not written", signum)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        opts = parse_args(argv)
-    except UsageError as exc:
-        LOG.error("usage error: %s", exc)
-        return ExitCode.USAGE
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    unwind_on_sigterm(LOG, "stopping; members not uploaded are not written")
+    opts, code = parse_or_exit_code(parse_args, argv, LOG)
+    if opts is None:
+        return code
     from aifs.inputs.run import DateFailed, MemberResult, run
 
     LOG.info("[START] inputs for %s members %s from %s into gs://%s (checkpoint %s, %d workers)", opts.date,

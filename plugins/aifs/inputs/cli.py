@@ -7,15 +7,15 @@ import dataclasses
 import os
 
 from aifs import layout
+from aifs.commandline import (
+    UsageError, add_date_members_bucket, add_service_account, checked_members, exit_code_help, service_account_file,
+)
 from aifs.exitcodes import ExitCode
-from aifs.members import DEFAULT_MEMBERS, BadMembers, parse_members
+
+__all__ = ["InputsOptions", "UsageError", "build_parser", "parse_args"]
 
 INPUT_CODES = [c for c in ExitCode if c.value in (0, 1, 2, 15) or 20 <= c.value <= 29]
-EXIT_CODE_HELP = "\n".join(f"  {c.value:3d}  {c.name}: {c.describe}" for c in INPUT_CODES)
-
-
-class UsageError(Exception):
-    """Bad flags: exit ExitCode.USAGE."""
+EXIT_CODE_HELP = exit_code_help(INPUT_CODES)
 
 
 @dataclasses.dataclass
@@ -61,18 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n" + EXIT_CODE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--date", required=True, help="analysis date YYYYMMDD_HHMM, e.g. 20251127_0000")
-    p.add_argument("--members", default=DEFAULT_MEMBERS, help="e.g. 1-50, 1,5,10 or 1-3,7 (default %(default)s)")
-    p.add_argument("--bucket", default=layout.DEFAULT_BUCKET, help="GCS bucket (default %(default)s)")
+    add_date_members_bucket(p, "analysis date YYYYMMDD_HHMM, e.g. 20251127_0000")
     p.add_argument("--checkpoint", default=os.environ.get("AIFS_CHECKPOINT", layout.DEFAULT_CHECKPOINT),
                    help="checkpoint file or Hugging Face id (default: $AIFS_CHECKPOINT, else "
                    f"{layout.DEFAULT_CHECKPOINT}); only its metadata is read")
     p.add_argument("--source", default="ecmwf",
                    help="open-data source: ecmwf, aws, azure, google (close to a GCS bucket) or an http(s) URL "
                    "(default %(default)s)")
-    p.add_argument("--service-account", default=None,
-                   help=f"service-account JSON key (default {layout.DEFAULT_SERVICE_ACCOUNT} when it exists, "
-                   "else the machine's default credentials)")
+    add_service_account(p)
     p.add_argument("--workers", type=int, default=None,
                    help="members built at once (default: the usable cores, at most 4); each holds one state in "
                    "memory (variables x 2 x grid points x 4 bytes: ~0.4 GB on N320)")
@@ -87,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> InputsOptions:
     args = build_parser().parse_args(argv)
-    try:
-        layout.parse_date(args.date)
-        members = parse_members(args.members)
-    except (layout.BadDate, BadMembers) as exc:
-        raise UsageError(str(exc)) from None
+    members = checked_members(args.date, args.members)
     from aifs.inputs.opendata_layout import UnknownSource, source_url
 
     try:
@@ -103,11 +95,7 @@ def parse_args(argv: list[str] | None = None) -> InputsOptions:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     if args.retries < 1 or args.retry_wait < 0:
         raise UsageError("--retries must be at least 1 and --retry-wait not negative")
-    service_account = args.service_account
-    if service_account is not None and not os.path.isfile(service_account):
-        raise UsageError(f"service account file not found: {service_account}")
-    if service_account is None and os.path.isfile(layout.DEFAULT_SERVICE_ACCOUNT):
-        service_account = layout.DEFAULT_SERVICE_ACCOUNT  # the worker's rule: the default key file when present
+    service_account = service_account_file(args.service_account)  # the worker's rule
     return InputsOptions(date=args.date, members=members, bucket=args.bucket, checkpoint=args.checkpoint,
                          source=args.source, service_account=service_account, workers=workers,
                          cache_dir=args.cache_dir, force=args.force, retries=args.retries, retry_wait=args.retry_wait)

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
+from aifs.commandline import CodedFailure
 from aifs.exitcodes import ExitCode
-from aifs.members import member_label
 
 
-class InputsError(Exception):
+class InputsError(CodedFailure):
     """Something that stops a member's input state (or every member's, when ``member`` is None)."""
 
     exit_code: ExitCode = ExitCode.SOURCE_FAILED
-
-    def __init__(self, problem: str, member: int | None = None, where: str | None = None):
-        self.problem, self.member, self.where = problem, member, where
-        who = f"{member_label(member)}: " if member is not None else ""
-        at = f"{where}: " if where else ""
-        super().__init__(f"{who}{at}{problem}")
 
 
 class SourceNotPublished(InputsError):

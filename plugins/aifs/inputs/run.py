@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import threading
 import time
-from importlib import metadata as importlib_metadata
 
 from aifs.exitcodes import ExitCode
 from aifs.inputs.cli import InputsOptions
@@ -45,13 +44,9 @@ class DateFailed(Exception):
 
 
 def software_versions() -> dict[str, str]:
-    versions = {}
-    for dist in ("aifs-ens-airflow", "ecmwf-opendata", "multiurl", "mir-python", "eccodes", "anemoi-inference", "numpy"):
-        try:
-            versions[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return versions
+    from aifs.manifest import installed_versions
+
+    return installed_versions(("aifs-ens-airflow", "ecmwf-opendata", "multiurl", "mir-python", "eccodes", "anemoi-inference", "numpy"))
 
 
 def _check_source(opendata, plan, members: list[int]) -> None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
-from aifs.members import BadMembers, format_members, parse_members
-from aifs.orchestration.params import (
-    DEPLOYMENT_KEYS, BadParams, _schema_problems, deployment_key_problems, forecast_date, host_setting_names,
-)
+from aifs.members import format_members
+from aifs.orchestration.params import check_trigger_params
 
 if TYPE_CHECKING:
     from aifs.orchestration.deployment import DeploymentSettings
@@ -76,27 +74,8 @@ def resolve_inputs_config(
     run_after: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """Check a run's params; return its JSON-able config. Raises BadParams listing every problem."""
-    params = dict(params or {})
-    specs = inputs_param_specs(deployment)
-    problems = deployment_key_problems(params)
-    unknown = sorted(set(params) - set(specs) - set(DEPLOYMENT_KEYS) - set(host_setting_names()), key=str)
-    if unknown:
-        problems.append(f"unknown params: {', '.join(map(str, unknown))}")
-    merged = {name: spec["default"] for name, spec in specs.items()}
-    merged.update((k, v) for k, v in params.items() if k in specs)
-    problems += _schema_problems(specs, merged)
-    members: list[int] = []
-    try:
-        members = parse_members(merged["members"])
-    except BadMembers as exc:
-        problems.append(f"members: {exc}")
-    date = ""
-    try:
-        date = forecast_date(merged.get("date"), logical_date, run_after, int(merged["cycle_hour"]))
-    except (ValueError, TypeError) as exc:
-        problems.append(f"date: {exc}")
-    if problems:
-        raise BadParams("invalid run params:\n  - " + "\n  - ".join(problems))
+    merged, members, date = check_trigger_params(
+        params, inputs_param_specs(deployment), logical_date=logical_date, run_after=run_after)
     return {
         "dag_id": dag_id,
         "run_id": run_id,

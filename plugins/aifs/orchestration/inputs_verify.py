@@ -12,40 +12,12 @@ One listing of ``{date}/input/`` and one of ``{date}/input_manifests/``, one sma
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
 from aifs import layout
-from aifs.members import format_members, member_label
-
-
-@dataclasses.dataclass
-class InputCheck:
-    member: int
-    problems: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclasses.dataclass
-class InputsReport:
-    date: str
-    bucket: str
-    checks: list[InputCheck]
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    @property
-    def bad_members(self) -> list[int]:
-        return [c.member for c in self.checks if not c.ok]
-
-    def describe_problems(self) -> str:
-        return "\n".join(f"  {member_label(c.member)}: {p}" for c in self.checks for p in c.problems)
+from aifs.members import format_members
+from aifs.orchestration.verify import MemberCheck, MembersReport
 
 
 def manifest_problems(manifest: dict[str, Any], config: dict[str, Any], member: int) -> list[str]:
@@ -69,7 +41,7 @@ def manifest_problems(manifest: dict[str, Any], config: dict[str, Any], member: 
     return problems
 
 
-def check_inputs(client, config: dict[str, Any]) -> InputsReport:
+def check_inputs(client, config: dict[str, Any]) -> MembersReport:
     from aifs.orchestration.storage import list_blobs, read_bytes
 
     bucket, date = config["bucket"], config["date"]
@@ -80,17 +52,17 @@ def check_inputs(client, config: dict[str, Any]) -> InputsReport:
         name, manifest_name = layout.input_object(date, member), layout.input_manifest_object(date, member)
         url = f"gs://{bucket}/{name}"
         if name not in pickles:
-            checks.append(InputCheck(member, [f"{url} is missing"]))
+            checks.append(MemberCheck(member, [f"{url} is missing"]))
             continue
         if manifest_name not in manifest_names:
-            checks.append(InputCheck(member, [f"no input manifest gs://{bucket}/{manifest_name} (the build did not finish)"]))
+            checks.append(MemberCheck(member, [f"no input manifest gs://{bucket}/{manifest_name} (the build did not finish)"]))
             continue
         try:
             manifest = json.loads(read_bytes(client, bucket, manifest_name))
             if not isinstance(manifest, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
-            checks.append(InputCheck(member, [f"input manifest gs://{bucket}/{manifest_name} unreadable: {exc}"]))
+            checks.append(MemberCheck(member, [f"input manifest gs://{bucket}/{manifest_name} unreadable: {exc}"]))
             continue
         problems = manifest_problems(manifest, config, member)
         size, crc32c = manifest.get("size"), manifest.get("crc32c")
@@ -99,11 +71,11 @@ def check_inputs(client, config: dict[str, Any]) -> InputsReport:
             problems.append(f"{url} has {stored_size} bytes, its manifest says {size}")
         if crc32c != stored_crc:
             problems.append(f"{url} crc32c {stored_crc}, its manifest says {crc32c}")
-        checks.append(InputCheck(member, problems))
-    return InputsReport(date, bucket, checks)
+        checks.append(MemberCheck(member, problems))
+    return MembersReport(date, bucket, checks)
 
 
-def findings(report: InputsReport, config: dict[str, Any]) -> str:
+def findings(report: MembersReport, config: dict[str, Any]) -> str:
     bad = report.bad_members
     return (f"{len(bad)} of {len(config['members'])} members' inputs are not complete in "
             f"gs://{config['bucket']}/{config['date']}/input/: {format_members(bad)}\n{report.describe_problems()}\n"

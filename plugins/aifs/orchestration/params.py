@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from aifs import layout
 from aifs.members import DEFAULT_MEMBERS, MEMBERS_PATTERN, BadMembers, format_members, parse_members
@@ -223,7 +223,8 @@ def forecast_date(explicit: str | None, logical_date: dt.datetime | None, run_af
     return layout.format_date(cycle)
 
 
-def _schema_problems(specs: dict[str, dict[str, Any]], params: dict[str, Any]) -> list[str]:
+def schema_problems(specs: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any]) -> list[str]:
+    """``name: message`` for each way a param (else its default) fails its spec's JSON schema."""
     import jsonschema  # ships with Airflow
 
     problems = []
@@ -233,6 +234,45 @@ def _schema_problems(specs: dict[str, dict[str, Any]], params: dict[str, Any]) -
         for error in jsonschema.Draft7Validator(schema).iter_errors(value):
             problems.append(f"{name}: {error.message}")
     return problems
+
+
+def check_trigger_params(
+    params: dict[str, Any] | None,
+    specs: dict[str, dict[str, Any]],
+    *,
+    logical_date: dt.datetime | None,
+    run_after: dt.datetime | None = None,
+) -> tuple[dict[str, Any], list[int], str]:
+    """A forecaster's trigger of a date and members (forecast or inputs DAG) checked against ``specs``.
+
+    Returns (params merged over the specs' defaults, the member numbers, the date). Raises BadParams
+    listing every problem: deployment settings in the conf, unknown params, schema failures, bad
+    members, a date that does not exist.
+    """
+    params = dict(params or {})
+    problems = deployment_key_problems(params)
+    unknown = sorted(set(params) - set(specs) - set(DEPLOYMENT_KEYS) - set(host_setting_names()), key=str)
+    if unknown:
+        problems.append(f"unknown params: {', '.join(map(str, unknown))}")
+    merged = {name: spec["default"] for name, spec in specs.items()}
+    merged.update((k, v) for k, v in params.items() if k in specs)
+    problems += schema_problems(specs, merged)
+
+    members: list[int] = []
+    try:
+        members = parse_members(merged["members"])
+    except BadMembers as exc:
+        problems.append(f"members: {exc}")
+
+    date = ""
+    try:
+        date = forecast_date(merged.get("date"), logical_date, run_after, int(merged["cycle_hour"]))
+    except (layout.BadDate, BadParams, TypeError, ValueError) as exc:
+        problems.append(f"date: {exc}")
+
+    if problems:
+        raise BadParams("invalid run params:\n  - " + "\n  - ".join(problems))
+    return merged, members, date
 
 
 def resolve_run_config(
@@ -250,31 +290,7 @@ def resolve_run_config(
     settings: it goes to XCom and into rendered task arguments, which every viewer of the run
     can read, so tasks take the host settings from the deployment when they run.
     """
-    params = dict(params or {})
-    specs = deployment.param_specs
-    problems = deployment_key_problems(params)
-    unknown = sorted(set(params) - set(specs) - set(DEPLOYMENT_KEYS) - set(host_setting_names()), key=str)
-    if unknown:
-        problems.append(f"unknown params: {', '.join(map(str, unknown))}")
-    merged = {name: spec["default"] for name, spec in specs.items()}
-    merged.update((k, v) for k, v in params.items() if k in specs)
-    problems += _schema_problems(specs, merged)
-
-    members: list[int] = []
-    try:
-        members = parse_members(merged["members"])
-    except BadMembers as exc:
-        problems.append(f"members: {exc}")
-
-    date = ""
-    try:
-        date = forecast_date(merged.get("date"), logical_date, run_after, int(merged["cycle_hour"]))
-    except (layout.BadDate, BadParams, TypeError, ValueError) as exc:
-        problems.append(f"date: {exc}")
-
-    if problems:
-        raise BadParams("invalid run params:\n  - " + "\n  - ".join(problems))
-
+    merged, members, date = check_trigger_params(params, deployment.param_specs, logical_date=logical_date, run_after=run_after)
     worker = WorkerSettings(
         bucket=merged["bucket"],
         checkpoint=merged["checkpoint"],

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from aifs import layout
 from aifs.members import MEMBERS_PATTERN, BadMembers, format_members, parse_members
-from aifs.orchestration.params import BadParams, deployment_key_problems
+from aifs.orchestration.params import BadParams, deployment_key_problems, schema_problems
 from aifs.orchestration.products_settings import PRODUCTS_DEPLOYMENT_KEYS
 
 if TYPE_CHECKING:
@@ -106,8 +106,6 @@ def resolve_products_config(
     ``events``: the extras of the run's triggering ``aifs_ens_forecasts`` events (empty for a run by hand).
     Raises BadParams naming each problem.
     """
-    import jsonschema
-
     params = dict(params or {})
     problems = deployment_key_problems(params)
     for key in sorted(set(params) & set(PRODUCTS_DEPLOYMENT_KEYS)):
@@ -118,9 +116,7 @@ def resolve_products_config(
         problems.append(f"unknown params: {', '.join(map(str, unknown))} (a products run takes {', '.join(specs)})")
     merged = {name: spec["default"] for name, spec in specs.items()}
     merged.update((k, v) for k, v in params.items() if k in specs)
-    for name, spec in specs.items():
-        schema = {k: v for k, v in spec.items() if k not in ("default", "description")}
-        problems += [f"{name}: {error.message}" for error in jsonschema.Draft7Validator(schema).iter_errors(merged[name])]
+    problems += schema_problems(specs, merged)
 
     allowed = list(deployment.allowed_buckets)
     if events:

@@ -33,7 +33,9 @@ class MemberCheck:
 
 
 @dataclasses.dataclass
-class VerifyReport:
+class MembersReport:
+    """A date's members checked in a bucket (their forecasts here; their inputs in aifs.orchestration.inputs_verify)."""
+
     date: str
     bucket: str
     checks: list[MemberCheck]
@@ -46,16 +48,15 @@ class VerifyReport:
     def bad_members(self) -> list[int]:
         return [c.member for c in self.checks if not c.ok]
 
+    def describe_problems(self) -> str:
+        return "\n".join(f"  {member_label(c.member)}: {p}" for c in self.checks for p in c.problems)
+
+
+@dataclasses.dataclass
+class VerifyReport(MembersReport):
     @property
     def objects(self) -> list[str]:
         return [o.name for c in self.checks if c.manifest for o in c.manifest.objects]
-
-    def describe_problems(self) -> str:
-        lines = []
-        for check in self.checks:
-            for problem in check.problems:
-                lines.append(f"  {member_label(check.member)}: {problem}")
-        return "\n".join(lines)
 
 
 def verify_members(client, bucket: str, run: RunSpec, members: list[int]) -> VerifyReport:

@@ -12,29 +12,21 @@ from __future__ import annotations
 import pyproj  # noqa: F401  isort: skip
 
 import logging
-import signal
 import sys
 import time
 
+from aifs.commandline import configure_logging, parse_or_exit_code, unwind_on_sigterm
 from aifs.exitcodes import ExitCode
 from aifs.members import format_members
-from aifs.worker.cli import UsageError, WorkerOptions, parse_args
+from aifs.worker.cli import WorkerOptions, parse_args
 from aifs.worker.cycle import MemberResult, run_member
 from aifs.worker.errors import CheckpointFailed
 
 LOG = logging.getLogger("aifs.worker")
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
-    for noisy in ("anemoi", "earthkit", "urllib3", "google", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+#: libraries whose INFO lines would bury the member logs
+QUIET_LOGGERS = ("anemoi", "earthkit", "urllib3", "google", "matplotlib")
 
 
 def run(opts: WorkerOptions) -> list[MemberResult]:
@@ -94,29 +86,12 @@ def summarize(opts: WorkerOptions, results: list[MemberResult]) -> int:
     return codes.pop() if len(codes) == 1 else ExitCode.MEMBERS_FAILED
 
 
-class Terminated(SystemExit):
-    """SIGTERM (docker stop, a killed Airflow task, a spot VM going away): unwind so cleanup runs.
-
-    A BaseException, so no member code mistakes it for a member failure; ``finally`` blocks
-    still delete the member's local files and no manifest is written.
-    """
-
-
-def _terminate(signum, frame) -> None:
-    LOG.error("[TERMINATED] signal %d: stopping, cleaning up the member in flight", signum)
-    raise Terminated(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _configure_logging()
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        opts = parse_args(argv)
-    except UsageError as exc:
-        LOG.error("usage error: %s", exc)
-        return ExitCode.USAGE
-    except SystemExit as exc:  # argparse: --help (0) or bad flags (2)
-        return int(exc.code or 0)
+    configure_logging(QUIET_LOGGERS)
+    unwind_on_sigterm(LOG, "stopping, cleaning up the member in flight")
+    opts, code = parse_or_exit_code(parse_args, argv, LOG)
+    if opts is None:
+        return code
     LOG.info("[START] %s members %s bucket %s checkpoint %s lead time %dh", opts.date, format_members(opts.members),
              opts.bucket, opts.checkpoint, opts.lead_time)
     return int(summarize(opts, run(opts)))

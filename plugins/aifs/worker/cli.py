@@ -12,14 +12,13 @@ import os
 
 from aifs import layout
 from aifs.completeness import is_checkpoint_identity
-from aifs.exitcodes import ExitCode
-from aifs.members import DEFAULT_MEMBERS, BadMembers, parse_members
+from aifs.commandline import (
+    UsageError, add_date_members_bucket, add_service_account, checked_members, exit_code_help, service_account_file,
+)
 
-EXIT_CODE_HELP = "\n".join(f"  {c.value:3d}  {c.name}: {c.describe}" for c in ExitCode)
+__all__ = ["UsageError", "WorkerOptions", "build_parser", "parse_args"]
 
-
-class UsageError(Exception):
-    """Bad flags; the worker exits with ExitCode.USAGE."""
+EXIT_CODE_HELP = exit_code_help()
 
 
 @dataclasses.dataclass
@@ -78,15 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n" + EXIT_CODE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--date", required=True, help="forecast date YYYYMMDD_HHMM, e.g. 20251127_0000")
-    p.add_argument("--members", default=DEFAULT_MEMBERS, help="e.g. 1-50, 1,5,10 or 1-3,7 (default %(default)s)")
-    p.add_argument("--bucket", default=layout.DEFAULT_BUCKET, help="GCS bucket (default %(default)s)")
-    p.add_argument(
-        "--service-account",
-        default=None,
-        help=f"service-account JSON key (default {layout.DEFAULT_SERVICE_ACCOUNT} when it exists, "
-        "else the machine's default credentials)",
-    )
+    add_date_members_bucket(p, "forecast date YYYYMMDD_HHMM, e.g. 20251127_0000")
+    add_service_account(p)
     p.add_argument("--input-dir", default=layout.DEFAULT_INPUT_DIR, help="local input dir (default %(default)s)")
     p.add_argument("--output-dir", default=layout.DEFAULT_OUTPUT_DIR, help="local GRIB dir (default %(default)s)")
     p.add_argument(
@@ -124,11 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     args = build_parser().parse_args(argv)
-    try:
-        layout.parse_date(args.date)
-        members = parse_members(args.members)
-    except (layout.BadDate, BadMembers) as exc:
-        raise UsageError(str(exc)) from None
+    members = checked_members(args.date, args.members)
     if args.lead_time <= 0:
         raise UsageError(f"--lead-time must be a positive number of hours, got {args.lead_time}")
     if args.upload_threads < 1:
@@ -145,17 +133,11 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     if args.num_chunks is not None and args.num_chunks < 1:
         raise UsageError(f"--num-chunks must be at least 1, got {args.num_chunks}")
 
-    service_account = args.service_account
-    if service_account is not None and not os.path.isfile(service_account):
-        raise UsageError(f"service account file not found: {service_account}")
-    if service_account is None and os.path.isfile(layout.DEFAULT_SERVICE_ACCOUNT):
-        service_account = layout.DEFAULT_SERVICE_ACCOUNT
-
     return WorkerOptions(
         date=args.date,
         members=members,
         bucket=args.bucket,
-        service_account=service_account,
+        service_account=service_account_file(args.service_account),
         input_dir=args.input_dir,
         output_dir=args.output_dir,
         upload_threads=args.upload_threads,

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from aifs.commandline import CodedFailure
 from aifs.exitcodes import ExitCode
-from aifs.members import member_label
 
 
-class MemberError(Exception):
+class MemberError(CodedFailure):
     """A member could not be completed. ``exit_code`` tells the DAG what kind of failure it was."""
 
     exit_code: ExitCode = ExitCode.INFERENCE_FAILED
 
     def __init__(self, member: int, problem: str, path: str | None = None):
-        self.member, self.problem, self.path = member, problem, path
-        where = f" {path}:" if path else ""
-        super().__init__(f"{member_label(member)}:{where} {problem}")
+        super().__init__(problem, member, path)
+        self.path = path
 
 
 class InputMissing(MemberError):

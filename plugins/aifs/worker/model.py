@@ -246,10 +246,6 @@ def _recorded(raw_metadata: dict) -> dict[str, str]:
 
 
 def software_versions() -> dict[str, str]:
-    versions = {}
-    for dist in ("aifs-ens-airflow", "anemoi-inference", "anemoi-models", "torch", "eccodes", "earthkit-data", "numpy"):
-        try:
-            versions[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return versions
+    from aifs.manifest import installed_versions
+
+    return installed_versions(("aifs-ens-airflow", "anemoi-inference", "anemoi-models", "torch", "eccodes", "earthkit-data", "numpy"))

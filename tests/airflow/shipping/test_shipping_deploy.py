@@ -142,7 +142,8 @@ def load_in_a_worker_process(bucket: Path, tmp_path: Path, *, dagbag: bool, synt
 
 def test_the_guide_uploads_the_dag_the_package_the_startup_script_and_requirements_txt():
     uploads = guide_uploads()
-    assert ("dags", "dags/aifs_ens_forecast.py", "") in uploads
+    for dag_file in sorted(REPO.glob("dags/*.py")):  # every DAG the repository ships: inputs, forecast, products
+        assert ("dags", f"dags/{dag_file.name}", "") in uploads, dag_file.name
     assert ("plugins", "plugins/aifs", "") in uploads
     assert ("data", "include/startup-script.sh", "") in uploads
     for _, source, _ in uploads:
@@ -165,7 +166,7 @@ def test_guide_exact_deployment_loads_under_a_composer_workers_argv(tmp_path, sy
     assert result["stray"] == {}, f"aifs modules run by the plugin loader: {result['stray']}"
     assert not result["main_replaced"]
     assert result["dag_errors"] == {}, json.dumps(result["dag_errors"], indent=1)
-    assert DAG_ID in result["dags"]
+    assert {DAG_ID, "aifs_ens_inputs", "aifs_ens_products"} <= set(result["dags"]), result["dags"]
     assert result["aifs_from"].startswith(str(bucket / "plugins" / "aifs")), result["aifs_from"]
     assert "usage:" not in proc.stderr
 

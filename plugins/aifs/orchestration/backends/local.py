@@ -203,13 +203,8 @@ class LocalBackend(HostBackend):
         log("$ " + " ".join(cmd))
         lock = self._take_gpu(run, member, timeout_s, log)
         launched = time.time()
-        supervised = cmd
-        timeout_bin = shutil.which("timeout")
-        if timeout_s and timeout_bin:
-            # the deadline is enforced by a process beside the worker, not by this task: it holds even
-            # when Airflow's task process is SIGKILLed
-            supervised = [timeout_bin, "-k", str(KILL_AFTER_S), f"{max(1, int(-(-timeout_s // 1)))}", *cmd]
-        elif timeout_s:
+        supervised = _under_deadline(cmd, timeout_s)
+        if timeout_s and supervised is cmd:
             log("[aifs] coreutils timeout not found: the member's deadline is only Airflow's execution_timeout")
         try:
             process = subprocess.Popen(
@@ -231,24 +226,7 @@ class LocalBackend(HostBackend):
         (run_dir / f"member{member:03d}.job.json").write_text(json.dumps(
             {"pid": process.pid, "run_id": run.run_id, "member": member, "launched": launched, "deadline": deadline,
              "args": cmd}))
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                log(line.rstrip("\n"))
-            code = process.wait()
-        finally:
-            # Any way out of here but the worker's own exit (the task was killed, timed out or
-            # marked failed) must not leave a worker holding the GPU.
-            if process.poll() is None:
-                _signal_group(process.pid, signal.SIGTERM)  # first, before anything else can fail
-                log(f"stopped worker process group {process.pid}")
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    _signal_group(process.pid, signal.SIGKILL)
-                    process.wait()
-            with contextlib.suppress(FileNotFoundError):
-                pid_file.unlink()
+        code = _stream_until_exit(process, pid_file, log, "worker")  # a killed task must not leave a worker holding the GPU
         if deadline is not None and code != 0 and time.time() >= deadline:
             raise MemberTimeout(
                 f"member {member:03d} exceeded member_timeout ({timeout_s:.0f} s from its launch) and was stopped (exit {code})"
@@ -296,13 +274,9 @@ class LocalBackend(HostBackend):
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         self._stop_orphan(pid_file, log, marker=b"-m\0" + module.encode())
         log("$ " + " ".join(cmd))
-        timeout_bin = shutil.which("timeout")
-        supervised = cmd
-        if timeout_s and timeout_bin:
-            supervised = [timeout_bin, "-k", str(KILL_AFTER_S), f"{max(1, int(-(-timeout_s // 1)))}", *cmd]
         launched = time.time()
         process = subprocess.Popen(
-            supervised,
+            _under_deadline(cmd, timeout_s),
             env={**self._env(), **{str(k): str(v) for k, v in env.items()}},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -312,22 +286,7 @@ class LocalBackend(HostBackend):
             start_new_session=True,  # its own process group: stopped with its children
         )
         pid_file.write_text(str(process.pid))
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                log(line.rstrip("\n"))
-            code = process.wait()
-        finally:
-            if process.poll() is None:  # the task was killed: the step must not outlive it
-                _signal_group(process.pid, signal.SIGTERM)
-                log(f"stopped step process group {process.pid}")
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    _signal_group(process.pid, signal.SIGKILL)
-                    process.wait()
-            with contextlib.suppress(FileNotFoundError):
-                pid_file.unlink()
+        code = _stream_until_exit(process, pid_file, log, "step")  # a killed task: the step must not outlive it
         if timeout_s and code != 0 and time.time() >= launched + timeout_s:
             raise StepTimeout(f"step {step} exceeded its timeout ({timeout_s:.0f} s from its launch) and was stopped (exit {code})")
         return code
@@ -417,6 +376,42 @@ def _is_worker(pid: int, marker: bytes = b"aifs.worker") -> bool:
         return marker in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): trust the pid file
+
+
+def _under_deadline(cmd: list[str], timeout_s: float | None) -> list[str]:
+    """``cmd`` under coreutils ``timeout`` with the deadline (``cmd`` itself when there is none, or no ``timeout``).
+
+    The deadline is enforced by a process beside the command, not by this task: it holds even when
+    Airflow's task process is SIGKILLed.
+    """
+    timeout_bin = shutil.which("timeout")
+    if not (timeout_s and timeout_bin):
+        return cmd
+    return [timeout_bin, "-k", str(KILL_AFTER_S), f"{max(1, int(-(-timeout_s // 1)))}", *cmd]
+
+
+def _stream_until_exit(process: subprocess.Popen, pid_file: Path, log: LogSink, what: str) -> int:
+    """Log each line ``process`` prints until it exits; its exit code. Then ``pid_file`` is removed.
+
+    Any way out of here but the process's own exit (the task was killed, timed out or marked
+    failed) stops its process group: SIGTERM first, before anything else can fail, SIGKILL 20 s later.
+    """
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log(line.rstrip("\n"))
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            log(f"stopped {what} process group {process.pid}")
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait()
+        with contextlib.suppress(FileNotFoundError):
+            pid_file.unlink()
 
 
 def _signal_group(pid: int, sig: int) -> None:

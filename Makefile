@@ -10,7 +10,7 @@ V2_PY := $(V2_VENV)/bin/python
 AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 
-.PHONY: all env test test-worker test-airflow demo bench bench-inputs bench-products clean
+.PHONY: all env test test-workers test-worker test-airflow demo bench bench-inputs bench-products clean
 
 all: env
 
@@ -37,11 +37,15 @@ $(AIRFLOW_VENV)/.built: requirements.txt requirements-airflow-local.txt requirem
 	$(AIRFLOW_PY) -m pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
-# Worker tests run in the worker environment, DAG tests in Airflow's; together they are the suite.
+# Worker tests run in the worker environments, DAG tests in Airflow's; together they are the suite.
+# The two lanes run at once (the Airflow lane mostly waits on schedulers, hosts and subprocesses);
+# -O prints each lane's output whole when it ends, and the suite fails if either lane does.
 test: env
+	$(MAKE) --no-print-directory -j2 -O test-workers test-airflow
+
+test-workers: $(WORKER_VENV)/.built $(V2_VENV)/.built
 	$(WORKER_PY) -m pytest tests/worker tests/contracts
 	$(V2_PY) -m pytest tests/worker_v2
-	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) AIFS_WORKER_PYTHON_V2=$(abspath $(V2_PY)) $(AIRFLOW_PY) -m pytest tests/airflow
 
 test-worker: $(WORKER_VENV)/.built
 	$(WORKER_PY) -m pytest tests/worker tests/contracts

@@ -17,7 +17,8 @@
   ``aifs_ens_inputs`` asset (extra: bucket, date, members, checkpoint, prefix), on which
   aifs_ens_forecast runs for that date when AIFS_ENS_FORECAST_TRIGGER says so.
 
-Daily at the deployment's cycle (AIFS_ENS_SCHEDULE, AIFS_ENS_CYCLE_HOUR), with the forecast's
+Daily at the deployment's cycle (AIFS_ENS_SCHEDULE, AIFS_ENS_CYCLE_HOUR; only by hand when
+AIFS_ENS_FORECAST_TRIGGER=time says the inputs are made elsewhere), with the forecast's
 members, buckets and checkpoints (AIFS_ENS_* in aifs.orchestration.deployment). Clearing or
 backfilling a date rebuilds that date: the date comes from the logical date, as for forecasts.
 This file imports neither eccodes nor MIR: they live in the worker image.
@@ -45,7 +46,7 @@ DEPLOYMENT = DeploymentSettings.from_env()
 
 @dag(
     dag_id=INPUTS_DAG_ID,
-    schedule=DEPLOYMENT.schedule,
+    schedule=DEPLOYMENT.inputs_schedule,  # daily at the cycle; only by hand where inputs are made elsewhere
     start_date=DEPLOYMENT.start_date,
     catchup=DEPLOYMENT.catchup,
     max_active_runs=DEPLOYMENT.max_active_runs,

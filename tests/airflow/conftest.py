@@ -42,6 +42,9 @@ def airflow_env(home: Path) -> dict[str, str]:
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         # the scheduled daily run must not start on its own during tests
         "AIFS_ENS_SCHEDULE": "none",
+        # the forecast DAG on its cron, as the tests of its own scheduling (backfills) need; the inputs
+        # trigger (the default) is set by the tests of the asset-driven loop
+        "AIFS_ENS_FORECAST_TRIGGER": "time",
         # retries keep their production counts, but their first delay is 1 s instead of 2 minutes
         "AIFS_ENS_RETRY_DELAY_S": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p),

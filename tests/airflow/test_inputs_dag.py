@@ -167,14 +167,22 @@ def test_a_forecast_run_started_by_an_inputs_event_takes_only_its_date_members_b
     assert inputs_event_params({}) == {}
 
 
-@pytest.mark.parametrize("trigger, timetable", [("time", "CronTriggerTimetable"), ("inputs", "AssetTriggeredTimetable"),
-                                                ("inputs_or_time", "AssetOrTimeSchedule")])
-def test_the_deployment_chooses_what_starts_the_forecast(trigger, timetable, monkeypatch, airflow_db):
+@pytest.mark.parametrize("trigger, timetable, inputs_timetable", [
+    (None, "AssetTriggeredTimetable", "CronTriggerTimetable"),  # the default: the whole day runs itself
+    ("inputs", "AssetTriggeredTimetable", "CronTriggerTimetable"),
+    ("time", "CronTriggerTimetable", "NullTimetable"),  # inputs made elsewhere: aifs_ens_inputs never overwrites them unasked
+    ("inputs_or_time", "AssetOrTimeSchedule", "CronTriggerTimetable"),
+])
+def test_the_deployment_chooses_what_starts_the_forecast(trigger, timetable, inputs_timetable, monkeypatch, airflow_db):
     from conftest import load_dag
 
     monkeypatch.setenv("AIFS_ENS_SCHEDULE", "0 6 * * *")
-    monkeypatch.setenv("AIFS_ENS_FORECAST_TRIGGER", trigger)
+    if trigger is None:
+        monkeypatch.delenv("AIFS_ENS_FORECAST_TRIGGER", raising=False)
+    else:
+        monkeypatch.setenv("AIFS_ENS_FORECAST_TRIGGER", trigger)
     dag = load_dag()
     assert type(dag.timetable).__name__ == timetable
     if trigger != "time":
         assert "aifs_ens_inputs" in repr(dag.timetable.asset_condition)
+    assert type(load_inputs_dag().timetable).__name__ == inputs_timetable

@@ -45,10 +45,12 @@ AIFS_ENS_PARALLEL_MEMBERS    1                         members in flight at once
 AIFS_ENS_OPENDATA_SOURCE     ecmwf                     where aifs_ens_inputs reads ECMWF open data: ecmwf,
                                                        aws, azure, google (close to a GCS bucket) or a URL
 AIFS_ENS_INPUTS_TIMEOUT_MIN  120                       the inputs step's limit (a CPU job), from its launch
-AIFS_ENS_FORECAST_TRIGGER    time                      what starts aifs_ens_forecast: ``time`` (AIFS_ENS_SCHEDULE;
-                                                       inputs made elsewhere, its sensor waits for them),
-                                                       ``inputs`` (each aifs_ens_inputs asset event, for the
-                                                       event's date) or ``inputs_or_time`` (either)
+AIFS_ENS_FORECAST_TRIGGER    inputs                    what starts aifs_ens_forecast: ``inputs`` (each
+                                                       aifs_ens_inputs asset event, for the event's date: the
+                                                       whole day runs itself), ``time`` (AIFS_ENS_SCHEDULE;
+                                                       inputs made elsewhere, its sensor waits for them, and
+                                                       aifs_ens_inputs runs only when triggered) or
+                                                       ``inputs_or_time`` (either)
 AIFS_ENS_SUBMIT              false                     aifs_ens_products submits a competition date to the AI
                                                        Weather Quest (once; needs team and model below)
 AIFS_ENS_AIWQ_TEAM           (none)                    the competition's team name (in its file names)
@@ -110,7 +112,13 @@ class DeploymentSettings:
     opendata_source: str = "ecmwf"
     inputs_timeout: dt.timedelta = dt.timedelta(minutes=120)
     #: what starts aifs_ens_forecast (FORECAST_TRIGGERS)
-    forecast_trigger: str = "time"
+    forecast_trigger: str = "inputs"
+
+    @property
+    def inputs_schedule(self) -> str | None:
+        """aifs_ens_inputs' schedule: daily, unless this deployment's inputs are made elsewhere
+        (AIFS_ENS_FORECAST_TRIGGER=time): then it runs only when triggered, and never overwrites them."""
+        return None if self.forecast_trigger == "time" else self.schedule
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "DeploymentSettings":
@@ -296,7 +304,7 @@ def _json_object(name: str, text: str) -> dict[str, Any]:
 
 
 #: AIFS_ENS_FORECAST_TRIGGER's values; the first is the default.
-FORECAST_TRIGGERS = ("time", "inputs", "inputs_or_time")
+FORECAST_TRIGGERS = ("inputs", "time", "inputs_or_time")
 
 
 def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:

@@ -36,9 +36,6 @@ class InputSpec:
     latitudes: np.ndarray | None
     longitudes: np.ndarray | None
 
-    def state_bytes(self) -> int:
-        return len(self.variables) * self.time_levels * self.grid_points * np.dtype(DTYPE).itemsize
-
 
 def mir_grid_name(grid) -> str:
     """The metadata's grid (``n320``, ``O96``) as MIR names it; InterpolationFailed for anything else."""

@@ -10,7 +10,7 @@ V2_PY := $(V2_VENV)/bin/python
 AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 
-.PHONY: all env test test-lane-workers test-lane-dags test-worker test-airflow demo bench bench-inputs bench-products clean
+.PHONY: all env test test-lane-workers test-lane-dags test-worker test-airflow demo bench bench-writers bench-inputs bench-products clean
 
 all: env
 
@@ -65,12 +65,18 @@ demo: env
 	AIFS_WORKER_PYTHON=$(abspath $(WORKER_PY)) AIFS_WORKER_PYTHON_V2=$(abspath $(V2_PY)) AIRFLOW_PYTHON=$(abspath $(AIRFLOW_PY)) bash include/demo.sh
 
 # 216 h at 4 s and 1 s stand-in steps x 102 and 120 fields, GRIB writer processes vs the in-process
-# writer, then GRIB messages/s against the number of writers (~20 min on 2 cores)
+# writer, and a true 1 s step (GPU-like replay) at 120 fields (~35 min on 2 cores);
+# GRIB messages/s against the number of writer processes (bench-writers);
 # then AIFS-ENS 2.0's tiny real architecture (its own CPU step time, ~30 s at N320 on 2 cores: 72 h, ~12 min)
 bench: $(WORKER_VENV)/.built $(V2_VENV)/.built
 	$(WORKER_PY) bench/member_cycle.py --matrix
+	$(MAKE) bench-writers
 	$(V2_PY) bench/member_cycle.py --generation v2 --lead-time 72 --modes writers,in-process
 	$(MAKE) bench-inputs bench-products
+
+# issue 16: messages/s of the in-process writer and of 1..cores writer processes, the cores left to them (~3 min on 2 cores)
+bench-writers: $(WORKER_VENV)/.built
+	$(WORKER_PY) bench/grib_writers.py
 
 # issue 14: 2 members' inputs, 0.25 deg open data -> N320, CPU per member and its breakdown (~1 min on 2 cores)
 bench-inputs: $(WORKER_VENV)/.built

@@ -193,3 +193,24 @@ def test_writers_setting_follows_flag_then_env_then_cores(monkeypatch):
     monkeypatch.setenv("AIFS_GRIB_WRITERS", "many")
     with pytest.raises(ValueError, match="AIFS_GRIB_WRITERS"):
         writers_setting(None)
+
+
+def test_copy_into_the_ring_gives_every_field_exactly_whatever_its_layout():
+    """The runner's fields are column views of one (points, fields) array: copied by row blocks,
+    each field must still land whole and unchanged (a length that is not a multiple of the block,
+    fields in another order than their columns, contiguous arrays and 2-D arrays beside them)."""
+    import numpy as np
+
+    from aifs.worker.grib_writers import GATHER_ROWS, _copy_into
+
+    rng = np.random.default_rng(7)
+    points = 3 * GATHER_ROWS + 123
+    output = rng.standard_normal((points, 9)).astype(np.float32)
+    other = rng.standard_normal((points // 2, 4))  # strided too, another length, float64
+    arrays = [output[:, i] for i in (4, 0, 8, 2)] + [other[:, 1], rng.standard_normal(points).astype(np.float32),
+                                                     rng.standard_normal((5, 7))]
+    assert not arrays[0].flags.c_contiguous
+    destinations = [np.full(a.shape, np.nan, a.dtype) for a in arrays]
+    _copy_into(list(zip(destinations, arrays)))
+    for destination, array in zip(destinations, arrays):
+        np.testing.assert_array_equal(destination, array)

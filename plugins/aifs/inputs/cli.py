@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_date_members_bucket(p, "analysis date YYYYMMDD_HHMM, e.g. 20251127_0000")
     p.add_argument("--checkpoint", default=os.environ.get("AIFS_CHECKPOINT", layout.DEFAULT_CHECKPOINT),
-                   help="checkpoint file or Hugging Face id (default: $AIFS_CHECKPOINT, else "
+                   help="checkpoint file, gs://bucket/object or Hugging Face id (default: $AIFS_CHECKPOINT, else "
                    f"{layout.DEFAULT_CHECKPOINT}); only its metadata is read")
     p.add_argument("--source", default="ecmwf",
                    help="open-data source: ecmwf, aws, azure, google (close to a GCS bucket) or an http(s) URL "

@@ -82,9 +82,10 @@ def run(opts: InputsOptions) -> list[MemberResult]:
     from aifs.worker.storage import make_client
 
     date = parse_date(opts.date)
+    client = make_client(opts.service_account)  # the bucket's, and a gs:// checkpoint's (fetched into the host's cache)
     try:
-        spec = read_input_spec(opts.checkpoint)
-        identity = checkpoint_identity(opts.checkpoint)
+        spec = read_input_spec(opts.checkpoint, client)
+        identity = checkpoint_identity(opts.checkpoint)  # the file read_input_spec read
     except CheckpointFailed as exc:
         raise DateFailed(ExitCode.CHECKPOINT_FAILED, str(exc)) from exc
     try:
@@ -96,7 +97,7 @@ def run(opts: InputsOptions) -> list[MemberResult]:
              spec.grid, spec.grid_points, ", ".join(f"{c:%Y-%m-%d %H:%M}" for c in plan.cycles),
              ", ".join(str(f) for f in plan.files()))
 
-    bucket = make_client(opts.service_account).bucket(opts.bucket)
+    bucket = client.bucket(opts.bucket)
     results: dict[int, MemberResult] = {}
     todo = []
     for member in opts.members:

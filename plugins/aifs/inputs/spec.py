@@ -47,12 +47,12 @@ def mir_grid_name(grid) -> str:
     return match.group(1).upper() + match.group(2)
 
 
-def read_input_spec(checkpoint: str) -> InputSpec:
-    """The checkpoint's input needs (metadata only: no torch, no weights)."""
+def read_input_spec(checkpoint: str, client=None) -> InputSpec:
+    """The checkpoint's input needs (metadata only: no torch, no weights); ``client`` fetches a gs:// checkpoint."""
     from aifs.worker.model import Model
 
     # the metadata only, loads nothing else: any generation's checkpoint (its weights need their own environment)
-    model = Model(checkpoint, device=None, precision=None, num_chunks=None, weights=False)
+    model = Model(checkpoint, device=None, precision=None, num_chunks=None, weights=False, client=client)
     md, spec = model.metadata, model.spec
     timestep = spec.timestep
     if timestep % dt.timedelta(hours=6):

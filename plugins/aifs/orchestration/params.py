@@ -152,7 +152,8 @@ def param_specs(
             "default": checkpoints[0],
             "type": "string",
             "enum": list(checkpoints),
-            "description": "Model checkpoint (one the deployment allows): a path on the GPU host or a Hugging Face repo id.",
+            "description": ("Model checkpoint (one the deployment allows): a path on the GPU host, a gs://bucket/object "
+                            "(the worker downloads it once per host) or a Hugging Face repo id."),
         },
         "lead_time": {
             "default": layout.DEFAULT_LEAD_TIME_HOURS,

@@ -33,13 +33,14 @@ def run(opts: WorkerOptions) -> list[MemberResult]:
     from aifs.worker.model import Model
     from aifs.worker.storage import make_client
 
-    bucket = make_client(opts.service_account).bucket(opts.bucket)
+    client = make_client(opts.service_account)  # one identity for inputs, outputs and a gs:// checkpoint
+    bucket = client.bucket(opts.bucket)
     loaded: list[Model] = []
 
     def get_model() -> Model:
         if not loaded:
             t = time.perf_counter()
-            loaded.append(Model(opts.checkpoint, opts.device, opts.precision, opts.num_chunks))
+            loaded.append(Model(opts.checkpoint, opts.device, opts.precision, opts.num_chunks, client=client))
             LOG.info("[MODEL] metadata read in %.1f s", time.perf_counter() - t)  # weights: Model.load_weights
         return loaded[0]
 

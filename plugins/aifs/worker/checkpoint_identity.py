@@ -1,8 +1,9 @@
 """The identity of the checkpoint this worker loads: what it is by content, not by name.
 
-``sha256:<hex>`` of a checkpoint file; ``hf:<revision>`` (the resolved commit) for a Hugging Face
-id. Manifests record it and aifs.completeness compares it, so a member computed with another
-checkpoint is never taken for complete, whatever path or name the checkpoint had.
+``sha256:<hex>`` of a checkpoint file, or of a ``gs://`` checkpoint's local copy (the file the model
+loads, aifs.worker.checkpoint_cache); ``hf:<revision>`` (the resolved commit) for a Hugging Face id.
+Manifests record it and aifs.completeness compares it, so a member computed with another checkpoint
+is never taken for complete, whatever path or name the checkpoint had.
 
 A checkpoint is 1-3 GB: its hash is cached next to the file (``<file>.sha256``), keyed by the
 file's size and modification time, so each file is read once, not once per process or member.
@@ -110,7 +111,10 @@ def hf_revision(repo_id: str, filename: str | None) -> str:
 
 
 def checkpoint_identity(reference: str) -> str:
-    """The identity of the checkpoint ``reference`` (a file path or Hugging Face id) names now."""
+    """The identity of the checkpoint ``reference`` (a file path, ``gs://`` object or Hugging Face id) names now.
+
+    A ``gs://`` object is the file this process fetched it to (and loaded), hashed like any file.
+    """
     from aifs.worker.model import resolve_checkpoint
 
     source = resolve_checkpoint(reference)  # the loader's own resolution; CheckpointFailed when nothing is there

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         default=os.environ.get("AIFS_CHECKPOINT", layout.DEFAULT_CHECKPOINT),
-        help="checkpoint file, or a Hugging Face repo id[:filename] (default: $AIFS_CHECKPOINT, "
+        help="checkpoint file, gs://bucket/object (fetched once into $AIFS_CHECKPOINT_CACHE), or a Hugging "
+        "Face repo id[:filename] (default: $AIFS_CHECKPOINT, "
         f"else {layout.DEFAULT_CHECKPOINT}; %(default)s here)",
     )
     p.add_argument(

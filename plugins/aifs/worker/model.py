@@ -39,15 +39,24 @@ INPUT_MARGIN = 3
 INPUT_SLACK_BYTES = 64 << 20
 
 
-def resolve_checkpoint(text: str) -> str | dict[str, Any]:
-    """A local path, or the anemoi-inference Hugging Face source for ``org/repo[:filename]``."""
+def resolve_checkpoint(text: str, client=None) -> str | dict[str, Any]:
+    """A local path, or the anemoi-inference Hugging Face source for ``org/repo[:filename]``.
+
+    ``gs://bucket/object``: the local copy in this host's checkpoint cache, downloaded (verified) with
+    ``client`` when not there yet (aifs.worker.checkpoint_cache).
+    """
+    from aifs.worker.checkpoint_cache import is_gs_reference, local_copy
+
+    if is_gs_reference(text):
+        return local_copy(text, client)
     if os.path.exists(text):
         return text
     repo, _, filename = text.partition(":")
     if repo.count("/") == 1 and not text.startswith((".", "/", "~")) and not repo.endswith(".ckpt"):
         filename = filename or KNOWN_HF_CHECKPOINTS.get(repo, "")
         return {"huggingface": {"repo_id": repo, **({"filename": filename} if filename else {})}}
-    raise CheckpointFailed(f"checkpoint not found: {text} (give a file path or a Hugging Face id like {DEFAULT_CHECKPOINT})")
+    raise CheckpointFailed(f"checkpoint not found: {text} (give a file path, gs://<bucket>/<object> or a Hugging Face id "
+                           f"like {DEFAULT_CHECKPOINT})")
 
 
 def member_seed(date: str, member: int) -> int:
@@ -89,16 +98,18 @@ class Model:
     """One checkpoint: its metadata at once, its weights on first use; one model load, many members."""
 
     def __init__(self, checkpoint: str, device: str | None, precision: str | None, num_chunks: int | None,
-                 *, weights: bool = True):
+                 *, weights: bool = True, client=None):
         """``weights=False``: only the metadata will be used (the inputs step, GRIB writer processes), so a
-        checkpoint of another generation than this environment's is fine; otherwise it is refused here."""
+        checkpoint of another generation than this environment's is fine; otherwise it is refused here.
+        ``client``: the storage client a ``gs://`` checkpoint is fetched with (the worker's own, as for its
+        inputs and outputs); unused for a path or a Hugging Face id."""
         if num_chunks:
             # read by anemoi-models at import time: must be set before the checkpoint is unpickled
             os.environ["ANEMOI_INFERENCE_NUM_CHUNKS"] = str(num_chunks)
         self.checkpoint_name = checkpoint
         self._device, self._precision = device, precision
         self._runner = None
-        source = resolve_checkpoint(checkpoint)
+        source = resolve_checkpoint(checkpoint, client)  # gs://: a local file now; the runner and GRIB writers load it
         try:
             from anemoi.inference.checkpoint import Checkpoint
 

@@ -195,13 +195,13 @@ def test_writers_setting_follows_flag_then_env_then_cores(monkeypatch):
         writers_setting(None)
 
 
-def test_copy_into_the_ring_gives_every_field_exactly_whatever_its_layout():
+def test_row_block_copies_give_every_field_exactly_whatever_its_layout():
     """The runner's fields are column views of one (points, fields) array: copied by row blocks,
     each field must still land whole and unchanged (a length that is not a multiple of the block,
     fields in another order than their columns, contiguous arrays and 2-D arrays beside them)."""
     import numpy as np
 
-    from aifs.worker.grib_writers import GATHER_ROWS, _copy_into
+    from aifs.worker.windows import GATHER_ROWS, contiguous_fields, copy_fields_into
 
     rng = np.random.default_rng(7)
     points = 3 * GATHER_ROWS + 123
@@ -211,6 +211,15 @@ def test_copy_into_the_ring_gives_every_field_exactly_whatever_its_layout():
                                                      rng.standard_normal((5, 7))]
     assert not arrays[0].flags.c_contiguous
     destinations = [np.full(a.shape, np.nan, a.dtype) for a in arrays]
-    _copy_into(list(zip(destinations, arrays)))
+    copy_fields_into(list(zip(destinations, arrays)))
     for destination, array in zip(destinations, arrays):
         np.testing.assert_array_equal(destination, array)
+
+    # the in-process writer's contiguous copies: same values, contiguous, the runner's dict untouched
+    state = {"date": "d", "step": 6, "fields": {f"f{i}": output[:, i] for i in range(9)} | {"c": arrays[5]}}
+    before = dict(state["fields"])
+    copied = contiguous_fields(state)
+    assert state["fields"] == before and copied["date"] == "d" and copied["fields"]["c"] is arrays[5]
+    for name, values in before.items():
+        assert copied["fields"][name].flags.c_contiguous
+        np.testing.assert_array_equal(copied["fields"][name], values)

@@ -9,7 +9,7 @@ file in step order:
   accumulation post-processor once, in step order, routes the step to its window (opening the
   window's streaming upload, which waits for a disk slot), copies the step's arrays into a free
   block of a shared-memory ring (numpy copies release the GIL; the runner's column views are
-  copied by row blocks, ``_copy_into``) and queues a small
+  copied by row blocks, ``windows.copy_fields_into``) and queues a small
   task (step number, window file, array layout, the state's other keys).
 - **Writer processes** (spawned once per worker process and kept across members): take tasks in
   order, encode the step with anemoi-inference's own in-memory GRIB output (``GribMemoryOutput``,
@@ -50,7 +50,7 @@ from typing import Any
 
 from aifs.layout import Window, forecast_filename, forecast_object, window_of
 from aifs.worker.errors import InferenceFailed
-from aifs.worker.windows import _DONE, WindowedGribWriter, ensemble_encoding
+from aifs.worker.windows import _DONE, WindowedGribWriter, copy_fields_into, ensemble_encoding
 
 LOG = logging.getLogger("aifs.worker")
 
@@ -342,8 +342,8 @@ class ParallelGribWriter(WindowedGribWriter):
         self._pool.ensure_ring(max(offset, _ALIGN), self.member)
         index = self._pool.acquire(self._check_pool)
         block = self._pool.ring[index]
-        _copy_into([(np.ndarray(shape, dtype, buffer=block.buf, offset=at), array)
-                    for (key, dtype, shape, at), (_, array) in zip(layout, arrays)])
+        copy_fields_into([(np.ndarray(shape, dtype, buffer=block.buf, offset=at), array)
+                          for (key, dtype, shape, at), (_, array) in zip(layout, arrays)])
         seq = self._pool.next_seq
         self._pool.next_seq += 1
         with self._state_lock:
@@ -444,35 +444,6 @@ class ParallelGribWriter(WindowedGribWriter):
         self._error = self._error or InferenceFailed(self.member, "aborted")
         super().abort()  # this member's thread first: it may be copying into the ring
         shutdown_pool(graceful=False)
-
-
-#: Rows a strided field is copied by at a time (see ``_copy_into``): 4096 rows of a 120-field float32
-#: output are 2 MB, which stay in cache while every field's part of them is copied out.
-GATHER_ROWS = 4096
-
-
-def _copy_into(pairs: list[tuple[Any, Any]]) -> None:
-    """Copy each ``(destination, array)`` pair into the ring block, strided arrays by row blocks.
-
-    The runner hands out each field as a column view of one ``(points, fields)`` array (a stride of
-    fields x 4 bytes). Copied field by field, every field reads the whole array again from memory
-    (N320, 120 fields: ~0.27 s a step, measured); copied ``GATHER_ROWS`` rows of every field at a
-    time, each block is read from memory once and from cache for the other fields (~0.09 s). The
-    values are the same either way: this only orders the copies.
-    """
-    import numpy as np
-
-    strided: dict[int, list[tuple[Any, Any]]] = {}
-    for destination, array in pairs:
-        if array.ndim == 1 and not array.flags.c_contiguous:
-            strided.setdefault(array.shape[0], []).append((destination, array))
-        else:
-            np.copyto(destination, array, casting="no")
-    for points, group in strided.items():
-        for start in range(0, points, GATHER_ROWS):
-            stop = start + GATHER_ROWS
-            for destination, array in group:
-                np.copyto(destination[start:stop], array[start:stop], casting="no")
 
 
 def _split(state: dict) -> tuple[list[tuple[tuple, Any]], dict]:

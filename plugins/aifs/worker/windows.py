@@ -51,6 +51,53 @@ def _release_output_path(path: str) -> None:
     getattr(decorators, "UNIQUE_PATHS", {}).get("path", set()).discard(Path(path))
 
 
+#: Rows a strided field is copied by at a time (``copy_fields_into``): 4096 rows of a 120-field float32
+#: output are 2 MB, which stay in cache while every field's part of them is copied out.
+GATHER_ROWS = 4096
+
+
+def copy_fields_into(pairs: list[tuple[Any, Any]]) -> None:
+    """Copy each ``(destination, array)`` pair, strided arrays by row blocks.
+
+    The runner hands out each field as a column view of one ``(points, fields)`` array (a stride of
+    fields x 4 bytes). Copied field by field, every field reads the whole array again from memory
+    (N320, 120 fields: ~0.27 s a step, measured); copied ``GATHER_ROWS`` rows of every field at a
+    time, each block is read from memory once and from cache for the other fields (~0.09 s). The
+    values are the same either way: this only orders the copies.
+    """
+    import numpy as np
+
+    strided: dict[int, list[tuple[Any, Any]]] = {}
+    for destination, array in pairs:
+        if array.ndim == 1 and not array.flags.c_contiguous:
+            strided.setdefault(array.shape[0], []).append((destination, array))
+        else:
+            np.copyto(destination, array, casting="no")
+    for points, group in strided.items():
+        for start in range(0, points, GATHER_ROWS):
+            stop = start + GATHER_ROWS
+            for destination, array in group:
+                np.copyto(destination[start:stop], array[start:stop], casting="no")
+
+
+def contiguous_fields(state: dict) -> dict:
+    """``state`` with every strided field copied into a contiguous array (the same values).
+
+    The encoder flattens each field before packing it: a column view of the runner's output costs
+    ~4 ms a N320 field to flatten (every field reads the whole output again), a contiguous one ~1 ms;
+    one row-blocked copy of all of them first costs ~0.09 s a 120-field step, not ~0.4 s.
+    """
+    import numpy as np
+
+    strided = {name: values for name, values in state["fields"].items()
+               if isinstance(values, np.ndarray) and values.ndim == 1 and not values.flags.c_contiguous}
+    if not strided:
+        return state
+    copies = {name: np.empty(values.shape, values.dtype) for name, values in strided.items()}
+    copy_fields_into([(copies[name], values) for name, values in strided.items()])
+    return {**state, "fields": {**state["fields"], **copies}}
+
+
 def count_messages(path: str) -> int:
     import eccodes
 
@@ -181,7 +228,7 @@ class WindowedGribWriter:
             config = {"grib": {"path": self._path, "encoding": ensemble_encoding(self.member), "write_initial_state": False,
                                **self.model.grib_output_options()}}
             self._output = create_output(self.model.runner, config, self.model.metadata)
-        self._output.write_state(self._accumulate.process(state))
+        self._output.write_state(contiguous_fields(self._accumulate.process(state)))
         self.write_seconds += time.perf_counter() - started
         if self.on_step:
             self.on_step(hour)

@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(2t/msl/tp only), --workers {args.workers}, {min(args.cores, len(cpus))} CPU(s), load average {load:.1f} at start")
     print(f"  time to checked, submitted files: {wall:7.1f} s   (target for {TARGET_MEMBERS} members: <= {TARGET_S:.0f} s)")
     print(f"  peak memory (process tree RSS):   {peak_gb:7.2f} GB  (target: <= {TARGET_GB:.0f} GB)")
+    reads = summary.get("reads") or {}
+    if reads:  # aifs.products' own count; products_data writes no GRIB indexes, so every window is streamed here
+        print(f"  bytes read from the bucket:       {reads['bytes_read'] / 1e9:7.2f} GB of the windows' "
+              f"{reads['window_bytes'] / 1e9:.2f} GB ({reads['windows_by_index']} windows by index, "
+              f"{reads['windows_streamed']} streamed)")
     phase_s = member_phase_seconds(log_text)
     if phase_s and args.members < TARGET_MEMBERS:
         read_s, n = phase_s

@@ -72,6 +72,15 @@ def forecast_object(date: str, member: int, start: int, end: int) -> str:
     return forecast_prefix(date) + forecast_filename(date, member, start, end)
 
 
+def forecast_index_object(date: str, member: int, start: int, end: int) -> str:
+    """The GRIB index of one forecast window (aifs.worker.grib_index): one JSON line per message.
+
+    ECMWF open data's ``.index`` style (the window's name with ``.index`` for ``.grib``), under a
+    prefix of its own so that nothing listing ``{date}/forecasts/`` ever sees an index.
+    """
+    return f"{date}/forecast_indexes/" + forecast_filename(date, member, start, end).removesuffix(".grib") + ".index"
+
+
 def member_forecast_prefix(date: str, member: int) -> str:
     """Prefix of every forecast object of one member of one date (one listing finds them all)."""
     return forecast_prefix(date) + f"aifs_ens_forecast_{date}_member{member:03d}_h"
@@ -80,6 +89,11 @@ def member_forecast_prefix(date: str, member: int) -> str:
 def member_grib_glob(member: int) -> str:
     """Glob matching every local GRIB of one member (any date), for cleanup sweeps."""
     return f"aifs_ens_forecast_*_member{member:03d}_h*.grib"
+
+
+def member_index_glob(member: int) -> str:
+    """Glob matching every local GRIB index of one member (written beside its window, then uploaded)."""
+    return f"aifs_ens_forecast_*_member{member:03d}_h*.index"
 
 
 def manifest_object(date: str, member: int) -> str:

@@ -213,3 +213,10 @@ def test_defaults_from_original_scripts():
     assert layout.WINDOW_HOURS == 72
     # resumable uploads need chunks that are a multiple of 256 KiB
     assert layout.UPLOAD_CHUNK_BYTES % (256 * 1024) == 0
+
+
+def test_member_index_glob_matches_own_index_files_only():
+    own = layout.forecast_index_object(DATE, 7, 0, 72).rsplit("/", 1)[1]
+    assert fnmatch.fnmatch(own, layout.member_index_glob(7))
+    assert not fnmatch.fnmatch(layout.forecast_index_object(DATE, 17, 0, 72).rsplit("/", 1)[1], layout.member_index_glob(7))
+    assert not fnmatch.fnmatch(layout.forecast_filename(DATE, 7, 0, 72), layout.member_index_glob(7))

@@ -133,3 +133,14 @@ def test_crc32c_form_matches_google_client():
     back = Manifest.from_json(m.to_json())
     assert back.objects[0].crc32c == value
     assert len(base64.b64decode(back.objects[0].crc32c)) == 4
+
+
+def test_keys_a_later_version_adds_to_an_object_are_ignored():
+    """A reader older than the worker that wrote the manifest (Composer upgraded after the image)
+    still reads it: an object's unknown keys, its index's too, are left out, not an error."""
+    data = json.loads(_manifest().to_json())
+    data["objects"][0]["compression"] = "ccsds"
+    data["objects"][0]["index"] = {"name": "x.index", "size": 5, "crc32c": "AAAAAA==", "lines": 12}
+    m = Manifest.from_json(json.dumps(data))
+    assert m.objects[0].index.name == "x.index" and m.objects[0].index.size == 5
+    assert m.objects[1:] == _manifest().objects[1:]

@@ -72,6 +72,16 @@ def v2_checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def proxy(emulator):
+    """A recording (and fault-injecting) proxy in front of the emulator: reads counted where they are served."""
+    from aifs.testing.gcs_proxy import FaultyGCS
+
+    gcs = FaultyGCS(emulator.url)
+    yield gcs
+    gcs.close()
+
+
 @pytest.fixture(scope="session")
 def spec(checkpoint) -> Spec:
     return Spec(checkpoint)

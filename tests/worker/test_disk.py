@@ -61,6 +61,8 @@ def _stale_files(dirs) -> dict[str, object]:
         "partial": dirs.input / (layout.input_filename(1) + ".part"),
         "old_grib": dirs.output / layout.forecast_filename("20240101_0000", 4, 0, 72),
         "own_grib": dirs.output / layout.forecast_filename(DATE, 1, 72, 144),
+        # a window's index, written beside it then uploaded: left behind only by a kill in between
+        "old_index": dirs.output / layout.forecast_index_object("20240101_0000", 4, 0, 72).rsplit("/", 1)[1],
     }
     for path in stale.values():
         path.write_bytes(b"x" * 1000)
@@ -68,6 +70,7 @@ def _stale_files(dirs) -> dict[str, object]:
         "notes": dirs.output / "notes.txt",
         "other": dirs.input / "something_else.pkl",
         "grib_like": dirs.output / "my_analysis.grib",
+        "index_like": dirs.output / "my_analysis.index",
     }
     for path in keep.values():
         path.write_text("not the worker's")

@@ -106,6 +106,7 @@ def test_exit_0(e2e):
 def test_object_names_exact(e2e):
     expected = [layout.input_object(DATE, m) for m in MEMBERS]
     expected += [name for m in MEMBERS for name in expected_forecast_objects(m, LEAD)]
+    expected += [layout.forecast_index_object(DATE, m, w.start, w.end) for m in MEMBERS for w in layout.windows(LEAD)]
     expected += [layout.manifest_object(DATE, m) for m in MEMBERS]
     assert object_names(e2e.client, e2e.bucket.name) == sorted(expected)
     for m in MEMBERS:

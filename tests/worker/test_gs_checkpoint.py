@@ -8,10 +8,8 @@ processes, the real anemoi-inference runner and GRIB writer processes.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 from urllib.parse import unquote
@@ -40,22 +38,6 @@ pytestmark = pytest.mark.timeout(240)
 
 LEAD = 12  # one short window: the member runs, the checkpoint is what is under test
 CKPT_OBJECT = "checkpoints/tiny.ckpt"
-
-
-def _faulty_gcs_class():
-    """The recording, fault-injecting proxy of the Airflow tests (stdlib only), loaded from its file."""
-    path = Path(__file__).resolve().parents[1] / "airflow" / "faulty_gcs.py"
-    spec = importlib.util.spec_from_file_location("faulty_gcs_for_worker_tests", path)
-    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module.FaultyGCS
-
-
-@pytest.fixture(scope="module")
-def proxy(emulator):
-    gcs = _faulty_gcs_class()(emulator.url)
-    yield gcs
-    gcs.close()
 
 
 @pytest.fixture(scope="module")

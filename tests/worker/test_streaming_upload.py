@@ -2,6 +2,8 @@
 
 The worker's O48 windows are smaller than one 32 MiB chunk, so here the chunk size is cut to the
 smallest GCS allows (256 KiB) and a thread plays the GRIB writer, appending to the window file.
+Its bytes are random, not GRIB, so these uploaders do not index the windows (``index_windows=False``;
+the index is tested on real windows in test_grib_index.py).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _wait_for(condition, timeout: float = 20.0) -> bool:
 def test_window_is_streamed_while_written_and_appears_only_once_complete(bucket, tmp_path):
     local = str(tmp_path / "window.grib")
     name = "20250601_0000/forecast/window.grib"
-    uploader = WindowUploader(bucket, member=7, threads=2, deadline=30)
+    uploader = WindowUploader(bucket, member=7, threads=2, deadline=30, index_windows=False)
     try:
         upload = uploader.open_window(local, name, WINDOW)  # before the file exists, as the writer does
         writer = Appender(local, pieces=14).start()  # 1.4 MB: five whole chunks and a short one
@@ -94,7 +96,7 @@ def test_window_of_exactly_whole_chunks(bucket, tmp_path):
     """The last read is then empty: the library closes the object with an empty final chunk."""
     local = str(tmp_path / "window.grib")
     name = "exact/window.grib"
-    uploader = WindowUploader(bucket, member=1, threads=1, deadline=30)
+    uploader = WindowUploader(bucket, member=1, threads=1, deadline=30, index_windows=False)
     try:
         upload = uploader.open_window(local, name, WINDOW)
         writer = Appender(local, pieces=2, piece_bytes=CHUNK).start()
@@ -226,7 +228,7 @@ def test_connection_dropped_mid_window_is_retried_and_the_window_completes(emula
     bucket = anonymous_client(proxy.url).create_bucket("flaky-network")
     local = str(tmp_path / "window.grib")
     name = "flaky/window.grib"
-    uploader = WindowUploader(bucket, member=4, threads=2, deadline=30)
+    uploader = WindowUploader(bucket, member=4, threads=2, deadline=30, index_windows=False)
     written = os.urandom(3 * CHUNK)
     try:
         upload = uploader.open_window(local, name, WINDOW)
@@ -251,7 +253,7 @@ def test_stale_file_under_the_window_name_is_not_streamed(bucket, tmp_path):
     local = tmp_path / "window.grib"
     local.write_bytes(b"stale bytes of an earlier, crashed attempt" * 10_000)
     name = "stale/window.grib"
-    uploader = WindowUploader(bucket, member=2, threads=2, deadline=30)
+    uploader = WindowUploader(bucket, member=2, threads=2, deadline=30, index_windows=False)
     try:
         upload = uploader.open_window(str(local), name, WINDOW)
         assert not local.exists(), "a stale file was left where the upload would stream it"

@@ -1,25 +1,30 @@
 """One member's period values on the competition grid, and its time series at the report's points.
 
-Reads the member's windows (aifs.products.gribread), keeps running sums on the model's own grid
-(a mean over a period commutes with a linear or conservative regridding, so each period is regridded
-once, not each step), then regrids each (variable, period) with MIR.
+Reads the member's windows (aifs.products.gribread: by their GRIB indexes where the manifest lists
+them, else whole), keeps running sums on the model's own grid (a mean over a period commutes with a
+linear or conservative regridding, so each period is regridded once, not each step), then regrids
+each (variable, period) with MIR. Logs the bytes it read against the windows' sizes.
 Memory per member in flight: two native fields per mean period and three accumulations, e.g.
-7 x 542,080 x 8 B = 30 MB on N320, plus the read chunk.
+7 x 542,080 x 8 B = 30 MB on N320, plus the read chunk or one window's wanted messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import numpy as np
 
 from aifs import layout
+from aifs.manifest import Manifest
 from aifs.products import gribread, periods, regrid
 from aifs.products.errors import ForecastInvalid, ForecastsMissing
 
 #: steps kept at the report's points (plumes): every 6 h from the first to the last step the periods need
 PLUME_STEPS = tuple(range(periods.FIRST_STEP, periods.LAST_STEP + 1, periods.STEP_HOURS))
+
+log = logging.getLogger("aifs.products")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +57,11 @@ class MemberProducts:
     values: dict[tuple[str, int], np.ndarray]  # (variable, period) -> (121, 240) on the competition grid
     series: dict[str, np.ndarray]  # shortName -> (len(PLUME_STEPS), len(points)); NaN where not read
     seconds: float = 0.0
+    bytes_read: int = 0  # fetched from the bucket: the wanted messages' ranges and indexes, or whole windows
+    window_bytes: int = 0  # the windows' sizes: what streaming every window would read
+    windows_by_index: int = 0
+    windows_streamed: int = 0
+    index_fallbacks: list[str] = dataclasses.field(default_factory=list)  # "window: why its index was not used"
 
 
 def _nearest(lats: np.ndarray, lons: np.ndarray, points: list[Point]) -> np.ndarray:
@@ -69,7 +79,8 @@ def _nearest(lats: np.ndarray, lons: np.ndarray, points: list[Point]) -> np.ndar
 
 
 def read_member(bucket, date: str, member: int, lead_time: int, points: list[Point], grids: dict,
-                **request) -> MemberProducts:
+                manifest: Manifest | None = None, **request) -> MemberProducts:
+    """``manifest`` (the member's, as the selection verified it): windows it lists with an index are read by it."""
     started = time.perf_counter()
     plist = periods.periods()
     wanted = {short: set(PLUME_STEPS) for short in {p.short_name for p in plist}}
@@ -100,9 +111,15 @@ def read_member(bucket, date: str, member: int, lead_time: int, points: list[Poi
                 accum[(field.short_name, field.step)] = field.values
 
     found: set[tuple[str, int]] = set()
+    listed = {tuple(o.window): o for o in manifest.objects} if manifest is not None else {}
+    reads = []
     for window in gribread.windows_needed(lead_time, PLUME_STEPS):
         name = layout.forecast_object(date, member, window.start, window.end)
-        got = gribread.read_window(bucket, name, wanted, on_field, date, grids, **request)
+        entry = listed.get((window.start, window.end))
+        read = gribread.read_window(bucket, name, wanted, on_field, date, grids,
+                                    index=entry.index if entry is not None else None, window=window, **request)
+        reads.append((read, entry))
+        got = read.found
         expected = {(short, s) for short, steps in wanted.items() for s in steps if window.contains(s)}
         missing = sorted(expected - got)
         if missing:
@@ -120,4 +137,23 @@ def read_member(bucket, date: str, member: int, lead_time: int, points: list[Poi
             native = accum[(p.short_name, p.end_hour)] - accum[(p.short_name, p.start_hour)]
             native = np.maximum(native, 0.0)  # packing noise can make a dry point's difference -1e-9
         values[key] = regrid.to_competition_grid(native, state["grid"], p.interpolation)
-    return MemberProducts(member, values, series, time.perf_counter() - started)
+    result = MemberProducts(member, values, series, time.perf_counter() - started,
+                            bytes_read=sum(r.bytes_read for r, _ in reads),
+                            window_bytes=sum(e.size for _, e in reads if e is not None),
+                            windows_by_index=sum(r.via == "index" for r, _ in reads),
+                            windows_streamed=sum(r.via == "stream" for r, _ in reads),
+                            index_fallbacks=[f"{e.name}: {r.fallback}" for r, e in reads if r.fallback])
+    log.info("[PRODUCTS] member %03d: read %.1f MB of its %d windows' %.1f MB (%d by index, %d streamed%s)", member,
+             result.bytes_read / 1e6, len(reads), result.window_bytes / 1e6, result.windows_by_index,
+             result.windows_streamed,
+             f", {len(result.index_fallbacks)} index(es) not usable" if result.index_fallbacks else "")
+    return result
+
+
+def read_summary(results: list[MemberProducts]) -> dict:
+    """The products summary's account of reading: bytes read against the windows' sizes, indexes not usable."""
+    read, total = sum(r.bytes_read for r in results), sum(r.window_bytes for r in results)
+    return {"bytes_read": read, "window_bytes": total,
+            "windows_by_index": sum(r.windows_by_index for r in results),
+            "windows_streamed": sum(r.windows_streamed for r in results),
+            "index_fallbacks": [f"member {r.member:03d}: {why}" for r in results for why in r.index_fallbacks]}

@@ -55,7 +55,8 @@ def _read_members(bucket, opts: Options, selection) -> list[ensemble.MemberProdu
     done: list[ensemble.MemberProducts] = []
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
-        futures = {pool.submit(ensemble.read_member, bucket, opts.date, m, selection.lead_time, opts.points, grids): m
+        futures = {pool.submit(ensemble.read_member, bucket, opts.date, m, selection.lead_time, opts.points, grids,
+                               selection.manifests[m]): m
                    for m in selection.used}
         for future in concurrent.futures.as_completed(futures):
             result = future.result()  # a member's error ends the run, naming it
@@ -97,6 +98,10 @@ def make(bucket, opts: Options) -> tuple[dict, int]:
     log.info("[PRODUCTS] %s: %d member(s) %s%s", date, len(selection.used), format_members(selection.used),
              f" (PARTIAL: {len(selection.excluded)} left out)" if selection.partial else "")
     results = _read_members(bucket, opts, selection)
+    summary["reads"] = ensemble.read_summary(results)  # bytes read vs the windows' sizes; indexes that were not usable
+    log.info("[PRODUCTS] read %.1f MB of the %.1f MB in the members' windows (%d windows by index, %d streamed)",
+             summary["reads"]["bytes_read"] / 1e6, summary["reads"]["window_bytes"] / 1e6,
+             summary["reads"]["windows_by_index"], summary["reads"]["windows_streamed"])
 
     with tempfile.TemporaryDirectory(prefix="aifs-products-") as workdir:
         local: dict[str, str] = {}  # file name -> local path

@@ -156,6 +156,7 @@ def run_member(member: int, *, opts, bucket, get_model) -> MemberResult:
         timings["grib_write_s"] = writer.write_seconds
         timings["upload_s"] = uploader.upload_seconds
         timings["upload_tail_s"] = uploader.tail_seconds
+        timings["index_s"] = uploader.index_seconds  # part of upload_s: indexing each finished window
         timings["wall_s"] = time.perf_counter() - started
 
         # 6. the manifest is written last: with it the member is complete (aifs.completeness)

@@ -7,14 +7,14 @@ import logging
 import os
 import shutil
 
-from aifs.layout import input_filename, member_grib_glob
+from aifs.layout import input_filename, member_grib_glob, member_index_glob
 from aifs.worker.errors import OutOfDisk
 
 LOG = logging.getLogger("aifs.worker")
 
 #: Everything the worker ever writes locally (and partial downloads).
 INPUT_GLOBS = ("input_state_member_*.pkl", "input_state_member_*.pkl.part")
-OUTPUT_GLOBS = ("aifs_ens_forecast_*_member*_h*.grib",)
+OUTPUT_GLOBS = ("aifs_ens_forecast_*_member*_h*.grib", "aifs_ens_forecast_*_member*_h*.index")
 
 
 def _remove(paths: list[str]) -> list[str]:
@@ -61,9 +61,10 @@ def require_free_space(member: int, input_dir: str, output_dir: str, input_bytes
 
 
 def cleanup_member(member: int, input_dir: str, output_dir: str) -> None:
-    """Delete the member's pickle and every GRIB of it, whatever happened to the member."""
+    """Delete the member's pickle and every GRIB (and GRIB index) of it, whatever happened to the member."""
     paths = [os.path.join(input_dir, input_filename(member)), os.path.join(input_dir, input_filename(member) + ".part")]
-    paths += glob.glob(os.path.join(output_dir, member_grib_glob(member)))
+    paths += [p for pattern in (member_grib_glob(member), member_index_glob(member))
+              for p in glob.glob(os.path.join(output_dir, pattern))]
     removed = _remove(paths)
     LOG.info("[CLEANUP] member %03d: removed %d local file(s)%s", member, len(removed),
              (": " + ", ".join(os.path.basename(p) for p in removed)) if removed else "")

@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO / "plugins"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402
-from member_cycle import DATE, MEMBER, ReplayForecast, configure_logging, phase, variable_sets  # noqa: E402
+from member_cycle import (  # noqa: E402
+    DATE, MEMBER, ReplayForecast, configure_logging, cpu_seconds, phase, variable_sets)
 
 
 class _LocalWindow:
@@ -103,17 +104,6 @@ class LocalWindows:
 
     def wait(self) -> list[tuple]:
         return sorted(f.result() for f in self._futures)
-
-
-def cpu_seconds(procs) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def run_writers(model, writers: int, lead_time: int, output_dir: str, input_state) -> dict:

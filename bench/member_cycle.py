@@ -232,6 +232,18 @@ class ReplayForecast:
             yield {**kept, "date": start + step, "step": step, "fields": dict(kept["fields"])}
 
 
+def cpu_seconds(procs) -> float:
+    """CPU seconds (user + system) of ``procs`` (psutil processes; one that has exited counts nothing)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 class CpuMeter:
     """CPU seconds (user + system) of this process and of the emulator process tree."""
 
@@ -240,14 +252,7 @@ class CpuMeter:
         self.emulator = psutil.Process(emulator_pid)
 
     def _tree_cpu(self, proc: psutil.Process) -> float:
-        total = 0.0
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return cpu_seconds([proc, *proc.children(recursive=True)])
 
     def snapshot(self) -> tuple[float, float]:
         t = self.me.cpu_times()

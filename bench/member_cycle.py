@@ -415,7 +415,7 @@ def torch_threads() -> int:
 def report(args, figures: dict, input_bytes: int, reference: str) -> dict:
     """One configuration's table; every mode's wall/model against ``reference``'s, measured in the same run."""
     window = max(f["window_bytes"] for f in figures.values())
-    one, two = (input_bytes + window) / 1e9, (input_bytes + 2 * window) / 1e9
+    two = (input_bytes + 2 * window) / 1e9
     rows = []
     header = ["mode", "wall s", "model s", "wall/model", "GRIB msg/s", "peak memory GB", "peak disk GB",
               "input+2 windows GB"]
